@@ -1,0 +1,319 @@
+"""Pure attention math: no Flax, no mesh.
+
+Dimension letters, the same in every einsum of the package:
+
+  B batch, T query length, S key/value length, D model width,
+  N query heads, K key/value heads (N % K == 0), G = N // K query heads per
+  key/value head, H query/key head size, V value head size (``Hv`` in prose).
+
+MHA is K = N, MQA is K = 1, GQA anything between: there is one code path and
+the grouping ``[B, T, K, G, H]`` never materialises repeated keys or values.
+
+.. math::
+
+   \\mathrm{attn}(q, k, v)_{t,n} = \\sum_s \\mathrm{softmax}_s\\big(
+       \\mathrm{scale}\\; q_{t,n} \\cdot k_{s,\\lfloor n/G \\rfloor} + \\mathrm{bias}
+   \\big)\\, v_{s,\\lfloor n/G \\rfloor}
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+# Logits of masked-out keys. The float32 minimum (not -inf) keeps a fully
+# masked row finite; such rows are zeroed after the softmax.
+_MASKED = float(np.finfo(np.float32).min)
+
+# ``implementation`` names understood by :func:`dot_product_attention`. Other
+# modules (the fast-kernel backends) add theirs through
+# :func:`register_implementation`.
+_IMPLEMENTATIONS: dict[str, Callable[..., Array]] = {}
+
+
+def register_implementation(name: str, fn: Callable[..., Array]) -> None:
+    """Make ``fn`` selectable as ``implementation=name``.
+
+    ``fn`` has the signature of :func:`attention_core` (no dropout, no returned
+    weights) and must equal it; :func:`dot_product_attention` falls back to the
+    einsum path whenever dropout or weights are asked for.
+    """
+    _IMPLEMENTATIONS[name] = fn
+
+
+def available_implementations() -> tuple[str, ...]:
+    """Names accepted by ``implementation=`` (``None`` means ``"xla"``)."""
+    return tuple(_IMPLEMENTATIONS)
+
+
+# ---------------------------------------------------------------------------
+# Shape checks
+# ---------------------------------------------------------------------------
+
+
+def check_qkv(q: Array, k: Array, v: Array) -> tuple[int, int, int, int, int, int, int]:
+    """Validates attention operands and returns ``(B, T, S, N, K, H, V)``.
+
+    Raises:
+      ValueError: naming the offending shapes when ranks, batch, lengths or
+        head sizes disagree, or when N is not a multiple of K.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(
+                f"{name} must have rank 4 ([batch, length, heads, head_dim]); "
+                f"got shape {tuple(x.shape)}"
+            )
+    B, T, N, H = q.shape
+    Bk, S, K, Hk = k.shape
+    Bv, Sv, Kv, V = v.shape
+    if not B == Bk == Bv:
+        raise ValueError(f"batch sizes differ: q {B}, k {Bk}, v {Bv}")
+    if S != Sv:
+        raise ValueError(f"key length {S} != value length {Sv}")
+    if H != Hk:
+        raise ValueError(f"query head size {H} != key head size {Hk}")
+    if K != Kv:
+        raise ValueError(f"key heads {K} != value heads {Kv}")
+    if K == 0 or N % K:
+        raise ValueError(
+            f"query heads ({N}) must be a multiple of key/value heads ({K})"
+        )
+    return B, T, S, N, K, H, V
+
+
+def _check_broadcast(name: str, x: Array | None, shape: tuple[int, ...]) -> None:
+    if x is None:
+        return
+    ok = x.ndim <= len(shape) and all(
+        a in (1, b) for a, b in zip(x.shape[::-1], shape[::-1], strict=False)
+    )
+    if not ok:
+        B, N, T, S = shape
+        raise ValueError(
+            f"{name} of shape {tuple(x.shape)} does not broadcast to "
+            f"[batch, heads, q_len, kv_len] = [{B}, {N}, {T}, {S}]"
+        )
+
+
+def _grouped(x: Array, shape: tuple[int, int, int, int], K: int) -> Array:
+    """Broadcasts ``x`` (to ``[B, N, T, S]``) and splits N into ``[K, G]``.
+
+    A head dimension of 1 stays 1 (no copy per head): ``[B|1, K|1, G|1, T|1, S|1]``.
+    """
+    x = x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))
+    b, n, t, s = x.shape
+    if n == 1:
+        return x.reshape(b, 1, 1, t, s)
+    return x.reshape(b, K, shape[1] // K, t, s)
+
+
+# ---------------------------------------------------------------------------
+# The math
+# ---------------------------------------------------------------------------
+
+
+def default_scale(head_dim: int) -> float:
+    """``1 / sqrt(head_dim)``, the scale of "Attention Is All You Need"."""
+    return 1.0 / math.sqrt(head_dim)
+
+
+def causal_block(T: int, S: int) -> Array:
+    """Top-left aligned causal mask ``[T, S]``: query t sees keys s <= t.
+
+    This is the convention of ``torch.nn.functional.scaled_dot_product_attention``
+    and ``jax.nn.dot_product_attention`` for ``is_causal=True``. Decoding, whose
+    queries sit at the end of the keys, uses :func:`attention_jax.masks.causal_mask`
+    with an offset instead.
+    """
+    return jnp.arange(S)[None, :] <= jnp.arange(T)[:, None]
+
+
+def attention_logits(q: Array, k: Array, *, scale: float | None = None) -> Array:
+    """Scaled scores in float32.
+
+    Args:
+      q: ``[B, T, N, H]`` queries.
+      k: ``[B, S, K, H]`` keys, N % K == 0.
+      scale: multiplies the scores; default ``1/sqrt(H)``.
+
+    Returns:
+      ``[B, K, G, T, S]`` float32 logits (G = N // K).
+    """
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    scale = default_scale(H) if scale is None else scale
+    qg = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
+    return logits * jnp.float32(scale)
+
+
+def attention_weights(
+    logits: Array,
+    mask: Array | None = None,
+) -> Array:
+    """Softmax over keys in float32; rows with no visible key become zeros.
+
+    Args:
+      logits: ``[..., T, S]`` float32 scores (bias already added).
+      mask: boolean, broadcastable to ``logits``; True = attend.
+
+    Returns:
+      float32 weights of the shape of ``logits``.
+    """
+    logits = logits.astype(jnp.float32)
+    if mask is None:
+        return jax.nn.softmax(logits, axis=-1)
+    logits = jnp.where(mask, logits, _MASKED)
+    weights = jax.nn.softmax(logits, axis=-1)
+    # A fully masked row has a uniform softmax over _MASKED logits; zero it (and
+    # every masked entry, which is already 0 in a row that sees any key).
+    return jnp.where(mask, weights, 0.0)
+
+
+def combine_values(weights: Array, v: Array, out_dtype) -> Array:
+    """``[B, K, G, T, S] x [B, S, K, V] -> [B, T, N, V]``."""
+    B, K, G, T, S = weights.shape
+    out = jnp.einsum(
+        "BKGTS,BSKV->BTKGV", weights.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )
+    return out.reshape(B, T, K * G, v.shape[-1]).astype(out_dtype)
+
+
+def attention_core(
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> Array:
+    """The einsum ("xla") implementation without dropout or returned weights.
+
+    Operands are already validated by :func:`dot_product_attention`; this is the
+    signature a registered implementation must have.
+    """
+    out, _ = _einsum_attention(q, k, v, mask, bias, is_causal=is_causal, scale=scale)
+    return out
+
+
+def _einsum_attention(
+    q, k, v, mask, bias, *, is_causal, scale, dropout_rate=0.0, dropout_rng=None
+) -> tuple[Array, Array]:
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    shape = (B, N, T, S)
+    logits = attention_logits(q, k, scale=scale)  # [B, K, G, T, S]
+    if bias is not None:
+        logits = logits + _grouped(bias.astype(jnp.float32), shape, K)
+    full_mask = None if mask is None else _grouped(mask.astype(bool), shape, K)
+    if is_causal:
+        causal = causal_block(T, S)  # [T, S]
+        full_mask = causal if full_mask is None else full_mask & causal
+    weights = attention_weights(logits, full_mask)  # [B, K, G, T, S] f32
+    if dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    out = combine_values(weights, v, q.dtype)  # [B, T, N, V]
+    return out, weights
+
+
+_IMPLEMENTATIONS["xla"] = attention_core
+
+
+def dot_product_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    return_weights: bool = False,
+    implementation: str | None = None,
+) -> Array | tuple[Array, Array]:
+    """Scaled dot-product attention for MHA, MQA and GQA.
+
+    Args:
+      q: ``[B, T, N, H]`` queries.
+      k: ``[B, S, K, H]`` keys; N must be a multiple of K.
+      v: ``[B, S, K, V]`` values (V may differ from H).
+      mask: boolean, broadcastable to ``[B, N, T, S]``; True = attend.
+      bias: float, broadcastable to ``[B, N, T, S]``; added to the scaled logits.
+      is_causal: also apply the top-left aligned causal mask (query t sees keys
+        s <= t), as ``torch`` and ``jax.nn`` do.
+      scale: logit scale; default ``1/sqrt(H)``.
+      dropout_rate: dropout on the attention weights (needs ``dropout_rng``).
+      dropout_rng: PRNG key for dropout.
+      return_weights: also return the weights actually applied to the values
+        (after mask and dropout), ``[B, N, T, S]`` in float32.
+      implementation: ``None`` or ``"xla"`` (the einsum path), or a name added by
+        :func:`register_implementation`. Dropout and returned weights always use
+        the einsum path.
+
+    Returns:
+      ``[B, T, N, V]`` in q's dtype, and the weights when ``return_weights``.
+
+    Softmax runs in float32 whatever the input dtype. A query row that sees no
+    key (every key masked) returns zeros, not NaN.
+
+    >>> import jax, jax.numpy as jnp
+    >>> q = jnp.ones((2, 5, 8, 16)); kv = jnp.ones((2, 7, 2, 16))   # GQA: N=8, K=2
+    >>> dot_product_attention(q, kv, kv).shape
+    (2, 5, 8, 16)
+    """
+    B, T, S, N, K, H, V = check_qkv(q, k, v)
+    _check_broadcast("mask", mask, (B, N, T, S))
+    _check_broadcast("bias", bias, (B, N, T, S))
+    if mask is not None and mask.dtype != jnp.bool_:
+        raise ValueError(f"mask must be boolean (True = attend); got dtype {mask.dtype}")
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1); got {dropout_rate}")
+    if dropout_rate > 0.0 and dropout_rng is None:
+        raise ValueError(f"dropout_rate={dropout_rate} needs a dropout_rng")
+    impl = "xla" if implementation is None else implementation
+    if impl not in _IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown implementation {implementation!r}; available: "
+            f"{available_implementations()}"
+        )
+    if return_weights or dropout_rate > 0.0 or impl == "xla":
+        out, weights = _einsum_attention(
+            q, k, v, mask, bias, is_causal=is_causal, scale=scale,
+            dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+        )
+        if return_weights:
+            return out, weights.reshape(B, N, T, S)
+        return out
+    return _IMPLEMENTATIONS[impl](q, k, v, mask, bias, is_causal=is_causal, scale=scale)
+
+
+# ---------------------------------------------------------------------------
+# Projections (used by the module and, with local slices, by the sharded path)
+# ---------------------------------------------------------------------------
+
+
+def project_heads(x: Array, kernel: Array, bias: Array | None = None) -> Array:
+    """``[B, T, D] x [D, N, H] (+ [N, H]) -> [B, T, N, H]``."""
+    y = jnp.einsum("BTD,DNH->BTNH", x, kernel)
+    return y if bias is None else y + bias
+
+
+def merge_heads(x: Array, kernel: Array) -> Array:
+    """``[B, T, N, V] x [N, V, D] -> [B, T, D]`` (output projection, no bias).
+
+    The bias is left out so that a head-parallel caller can sum the partial
+    products of its heads first and add the bias once.
+    """
+    return jnp.einsum("BTNV,NVD->BTD", x, kernel)
