@@ -48,6 +48,9 @@ PARAM_AXES: dict[str, tuple[tuple[str, ...], int]] = {
 }
 
 
+_ZEROS: Initializer = nnx.initializers.zeros_init()
+
+
 def default_kernel_init() -> Initializer:
     """LeCun normal over the flattened ``[fan_in, fan_out]`` matrix (as Flax's Dense)."""
     return nnx.initializers.lecun_normal()
@@ -117,7 +120,7 @@ class MultiHeadAttention(nnx.Module):
         implementation: str | None = None,
         scale: float | None = None,
         kernel_init: Initializer | None = None,
-        bias_init: Initializer = nnx.initializers.zeros_init(),
+        bias_init: Initializer = _ZEROS,
         deterministic: bool | None = None,
         rngs: nnx.Rngs,
     ):

@@ -1,0 +1,140 @@
+"""The main job: MHA, GQA and MQA side by side on the default devices.
+
+For each variant it builds the module, runs jit-compiled forward and
+forward+backward passes, checks the forward against PyTorch (when torch is
+installed) and prints one table row: heads, parameters, KV-cache bytes per
+token, error against the reference, and timings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from attention_jax.modules import MultiHeadAttention
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """Shapes of the demo: ``[batch, seq_len, embed]`` inputs, ``num_heads`` query heads."""
+
+    batch: int = 4
+    seq_len: int = 256
+    embed: int = 512
+    num_heads: int = 8
+    variants: tuple[tuple[str, int], ...] = (("MHA", 8), ("GQA", 2), ("MQA", 1))
+    repeats: int = 5
+    seed: int = 0
+
+
+def time_call(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time in milliseconds of ``fn()`` after one warm-up call."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def torch_reference(
+    module: MultiHeadAttention, x: np.ndarray, *, is_causal: bool
+) -> np.ndarray | None:
+    """The module's forward computed by PyTorch (``F.linear`` + SDPA), or None without torch."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    from attention_jax.interop import to_linear_weights
+
+    w = {name: tuple(None if t is None else torch.tensor(np.array(t, np.float32))
+                     for t in pair)
+         for name, pair in to_linear_weights(module).items()}
+    xt = torch.tensor(np.array(x, np.float32))
+    B, T, _ = xt.shape
+    N, K, H = module.num_heads, module.num_kv_heads, module.head_dim
+
+    def heads(name, n):  # [B, T, n*H] -> [B, n, T, H]
+        return F.linear(xt, *w[name]).view(B, T, n, -1).transpose(1, 2)
+
+    with torch.no_grad():
+        out = F.scaled_dot_product_attention(
+            heads("q", N), heads("k", K), heads("v", K), is_causal=is_causal,
+            scale=module.scale if module.scale is not None else H**-0.5, enable_gqa=True,
+        )
+        y = F.linear(out.transpose(1, 2).reshape(B, T, -1), *w["o"])
+    return y.numpy()
+
+
+def run_variant(cfg: DemoConfig, name: str, num_kv_heads: int) -> dict:
+    """Builds one variant, checks and times it; returns its table row."""
+    model = MultiHeadAttention(cfg.embed, cfg.num_heads, num_kv_heads=num_kv_heads,
+                               rngs=nnx.Rngs(cfg.seed))
+    x = jax.random.normal(jax.random.key(cfg.seed + 1), (cfg.batch, cfg.seq_len, cfg.embed))
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def forward(params, x):
+        return nnx.merge(graphdef, params)(x, is_causal=True)
+
+    @jax.jit
+    def forward_backward(params, x):
+        def loss(params, x):
+            return jnp.mean(forward(params, x) ** 2)
+
+        return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+
+    y = forward(params, x)
+    ref = torch_reference(model, np.asarray(x), is_causal=True)
+    err = None if ref is None else float(np.max(np.abs(np.asarray(y) - ref)))
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    return {
+        "variant": name,
+        "N": cfg.num_heads,
+        "K": num_kv_heads,
+        "params": n_params,
+        "kv_bytes_per_token": model.kv_bytes_per_token(),
+        "max_err_vs_torch": err,
+        "fwd_ms": time_call(lambda: forward(params, x), cfg.repeats),
+        "fwd_bwd_ms": time_call(lambda: forward_backward(params, x), cfg.repeats),
+    }
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """Rows of dicts as an aligned text table."""
+    def fmt(v):
+        if v is None:
+            return "n/a"
+        if isinstance(v, float):
+            return f"{v:.2e}" if abs(v) < 0.01 else f"{v:.2f}"
+        return str(v)
+
+    cols = list(rows[0])
+    cells = [[fmt(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def run(cfg: DemoConfig = DemoConfig()) -> list[dict]:
+    """Runs every variant and prints the table."""
+    devices = jax.devices()
+    print(f"jax {jax.__version__} on {len(devices)} x {devices[0].platform} "
+          f"({devices[0].device_kind}); inputs [B={cfg.batch}, T={cfg.seq_len}, "
+          f"D={cfg.embed}], N={cfg.num_heads}, causal, float32")
+    rows = [run_variant(cfg, name, k) for name, k in cfg.variants]
+    print(format_table(rows))
+    if rows[0]["max_err_vs_torch"] is None:
+        print("(torch is not installed: no reference check; pip install torch==2.13.0)")
+    return rows
