@@ -8,7 +8,7 @@
 (1, (1, 6, 32))
 """
 
-from attention_jax import masks, ops
+from attention_jax import interop, masks, ops
 from attention_jax.masks import causal_mask, combine_masks, padding_mask, sliding_window_mask
 from attention_jax.modules import (
     GroupedQueryAttention,
@@ -28,6 +28,7 @@ __all__ = [
     "causal_mask",
     "combine_masks",
     "dot_product_attention",
+    "interop",
     "masks",
     "ops",
     "padding_mask",
