@@ -1,0 +1,175 @@
+"""Head-parallel attention across processes: 2 local processes x 4 CPU devices.
+
+Each process joins a cluster through :func:`attention_jax.distributed.initialize`
+(coordinator bound to 127.0.0.1 only, gloo CPU collectives), builds the same
+module from the same seed, splits it over a ``(data, model)`` mesh spanning all
+8 devices of both processes, and runs the sharded forward and backward under
+``jax.jit``. Process 0 gathers the results and writes them; the launcher
+compares them with the same module run in one process on one device.
+
+    python experiments/multiprocess.py                  # launch 2 x 4, compare, print
+    python experiments/multiprocess.py --mesh 2 4 --heads 8 2
+
+On a GPU cluster the worker part is what each host runs (one process per host,
+``initialize()`` with the launcher's settings); see the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+SHAPE = {"batch": 4, "seq_len": 8, "embed": 32}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _build(heads: tuple[int, int]):
+    """The module and inputs every process builds identically (same seeds)."""
+    from flax import nnx
+
+    from attention_jax import MultiHeadAttention
+
+    N, K = heads
+    module = MultiHeadAttention(SHAPE["embed"], N, num_kv_heads=K, head_dim=8,
+                                bias_init=nnx.initializers.normal(0.1), rngs=nnx.Rngs(0))
+    x = np.random.default_rng(0).standard_normal(
+        (SHAPE["batch"], SHAPE["seq_len"], SHAPE["embed"])).astype(np.float32)
+    return module, x
+
+
+def _loss(model, x):
+    import jax.numpy as jnp
+
+    return jnp.mean(model(x, is_causal=True) ** 2)
+
+
+def _forward_and_grads(model, x):
+    """``(y, loss, grads w.r.t. params, grad w.r.t. x)`` as host numpy arrays."""
+    import jax
+    from flax import nnx
+
+    from attention_jax import distributed
+
+    def step(model, x):
+        y = model(x, is_causal=True)
+        loss, (g_model, g_x) = nnx.value_and_grad(_loss, argnums=(0, 1))(model, x)
+        return y, loss, nnx.state(g_model, nnx.Param), g_x
+
+    y, loss, grads, g_x = nnx.jit(step)(model, x)
+    host = distributed.gather_to_host
+    flat = {"/".join(str(k) for k in path): host(v[...])
+            for path, v in nnx.to_flat_state(grads)}
+    # the head-parallel wrapper nests the module's params under "module/"
+    flat = {k.removeprefix("module/"): v for k, v in flat.items()}
+    return host(y), float(jax.device_get(loss)), flat, host(g_x)
+
+
+def worker(process_id: int, num_processes: int, port: int, cpu_devices: int,
+           mesh_shape: tuple[int, int], heads: tuple[int, int], out: str) -> None:
+    """One process of the cluster."""
+    from attention_jax import distributed
+
+    address = f"127.0.0.1:{port}"
+    info = distributed.initialize(address, num_processes, process_id,
+                                  cpu_devices=cpu_devices, coordinator_bind_address=address)
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from attention_jax import sharding
+
+    mesh = sharding.make_mesh(*mesh_shape)
+    module, x_host = _build(heads)
+    model = sharding.head_parallel(module, mesh)
+    x = jax.make_array_from_callback(x_host.shape, NamedSharding(mesh, P("data")),
+                                     lambda idx: x_host[idx])
+    y, loss, grads, g_x = _forward_and_grads(model, x)
+    if info.process_index == 0:
+        np.savez(out, y=y, loss=loss, g_x=g_x, **{f"grad:{k}": v for k, v in grads.items()},
+                 process_count=info.process_count, global_devices=info.global_device_count,
+                 local_devices=info.local_device_count)
+    distributed.shutdown()
+
+
+def single_process(heads: tuple[int, int]) -> dict[str, np.ndarray]:
+    """The same computation on one device, unsharded."""
+    module, x = _build(heads)
+    y, loss, grads, g_x = _forward_and_grads(module, x)
+    return {"y": y, "loss": loss, "g_x": g_x, **{f"grad:{k}": v for k, v in grads.items()}}
+
+
+def launch(num_processes: int = 2, cpu_devices: int = 4, mesh_shape=(2, 4), heads=(8, 2),
+           timeout: float = 240.0) -> dict:
+    """Starts the workers on loopback, waits, and compares with one process.
+
+    Returns:
+      ``{"max_abs_err": {name: err}, "loss": ..., "process_count": ..., ...}``.
+    """
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "result.npz")
+        procs = [
+            subprocess.Popen(
+                [sys.executable, __file__, "--worker", str(i), "--num-processes",
+                 str(num_processes), "--port", str(port), "--cpu-devices", str(cpu_devices),
+                 "--mesh", *map(str, mesh_shape), "--heads", *map(str, heads), "--out", out],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            )
+            for i in range(num_processes)
+        ]
+        logs = []
+        try:
+            for p in procs:
+                logs.append(p.communicate(timeout=timeout)[0])
+        finally:
+            for p in procs:
+                p.kill()
+        if any(p.returncode for p in procs):
+            raise RuntimeError("a worker failed:\n" + "\n".join(log[-3000:] for log in logs))
+        got = dict(np.load(out))
+    ref = single_process(heads)
+    errs = {k: float(np.max(np.abs(got[k] - ref[k]))) for k in ref}
+    return {"mesh": list(mesh_shape), "heads": list(heads),
+            "process_count": int(got["process_count"]),
+            "global_devices": int(got["global_devices"]),
+            "local_devices": int(got["local_devices"]),
+            "loss": float(got["loss"]), "loss_single": float(ref["loss"]),
+            "max_abs_err": errs}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--num-processes", type=int, default=2)
+    parser.add_argument("--cpu-devices", type=int, default=4, help="CPU devices per process")
+    parser.add_argument("--mesh", type=int, nargs=2, default=(2, 4), metavar=("DATA", "MODEL"))
+    parser.add_argument("--heads", type=int, nargs=2, default=(8, 2), metavar=("N", "K"))
+    args = parser.parse_args(argv)
+    if args.worker is not None:
+        worker(args.worker, args.num_processes, args.port, args.cpu_devices,
+               tuple(args.mesh), tuple(args.heads), args.out)
+        return
+    result = launch(args.num_processes, args.cpu_devices, tuple(args.mesh), tuple(args.heads))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    main()
