@@ -2,8 +2,10 @@
 
 For each variant it builds the module, runs jit-compiled forward and
 forward+backward passes, checks the forward against PyTorch (when torch is
-installed) and prints one table row: heads, parameters, KV-cache bytes per
-token, error against the reference, and timings.
+installed), runs the same module head-parallel on the default mesh (all
+devices on the ``model`` axis) and prints one table row: heads, parameters,
+KV-cache bytes per token, error against the reference, sharded-vs-unsharded
+error, the collectives of the sharded forward and backward, and timings.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from attention_jax import sharding
 from attention_jax.modules import MultiHeadAttention
 
 
@@ -75,28 +78,54 @@ def torch_reference(
     return y.numpy()
 
 
-def run_variant(cfg: DemoConfig, name: str, num_kv_heads: int) -> dict:
+def _jit_split(model: nnx.Module):
+    """``(forward, forward_backward, state)`` jit-compiled on the module's split state."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, x):
+        return nnx.merge(graphdef, state)(x, is_causal=True)
+
+    @jax.jit
+    def forward_backward(state, x):
+        def loss(state, x):
+            return jnp.mean(forward(state, x) ** 2)
+
+        return jax.value_and_grad(loss, argnums=(0, 1))(state, x)
+
+    return forward, forward_backward, state
+
+
+def _count(summary: dict[str, int]) -> str:
+    """``{"all-reduce@model": 1}`` -> ``"all-reduce@model:1"``; ``"none"`` when empty."""
+    return " ".join(f"{k}:{v}" for k, v in summary.items()) or "none"
+
+
+def run_sharded(model: MultiHeadAttention, x: jax.Array, y: jax.Array, mesh) -> dict:
+    """The module head-parallel on ``mesh``: error against ``y`` and collectives."""
+    hp = sharding.head_parallel(nnx.clone(model), mesh)
+    forward, forward_backward, state = _jit_split(hp)
+    y_sharded = forward(state, x)
+    fwd = forward.lower(state, x).compile()
+    bwd = forward_backward.lower(state, x).compile()
+    return {
+        "sharded_err": float(np.max(np.abs(np.asarray(y_sharded) - np.asarray(y)))),
+        "fwd_collectives": _count(sharding.collective_summary(fwd, mesh)),
+        "bwd_collectives": _count(sharding.collective_summary(bwd, mesh)),
+    }
+
+
+def run_variant(cfg: DemoConfig, name: str, num_kv_heads: int, mesh=None) -> dict:
     """Builds one variant, checks and times it; returns its table row."""
     model = MultiHeadAttention(cfg.embed, cfg.num_heads, num_kv_heads=num_kv_heads,
                                rngs=nnx.Rngs(cfg.seed))
     x = jax.random.normal(jax.random.key(cfg.seed + 1), (cfg.batch, cfg.seq_len, cfg.embed))
-    graphdef, params = nnx.split(model)
-
-    @jax.jit
-    def forward(params, x):
-        return nnx.merge(graphdef, params)(x, is_causal=True)
-
-    @jax.jit
-    def forward_backward(params, x):
-        def loss(params, x):
-            return jnp.mean(forward(params, x) ** 2)
-
-        return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
-
+    forward, forward_backward, params = _jit_split(model)
     y = forward(params, x)
     ref = torch_reference(model, np.asarray(x), is_causal=True)
     err = None if ref is None else float(np.max(np.abs(np.asarray(y) - ref)))
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    sharded = {} if mesh is None else run_sharded(model, x, y, mesh)
     return {
         "variant": name,
         "N": cfg.num_heads,
@@ -106,6 +135,7 @@ def run_variant(cfg: DemoConfig, name: str, num_kv_heads: int) -> dict:
         "max_err_vs_torch": err,
         "fwd_ms": time_call(lambda: forward(params, x), cfg.repeats),
         "fwd_bwd_ms": time_call(lambda: forward_backward(params, x), cfg.repeats),
+        **sharded,
     }
 
 
@@ -127,14 +157,25 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def default_mesh(num_heads: int, devices: Sequence[jax.Device]):
+    """All devices on ``model`` when they divide the heads, else the largest divisor that does."""
+    model = max(m for m in range(1, len(devices) + 1)
+                if num_heads % m == 0 and len(devices) % m == 0)
+    return sharding.make_mesh(len(devices) // model, model, devices=devices)
+
+
 def run(cfg: DemoConfig = DemoConfig()) -> list[dict]:
     """Runs every variant and prints the table."""
     devices = jax.devices()
+    mesh = default_mesh(cfg.num_heads, devices)
     print(f"jax {jax.__version__} on {len(devices)} x {devices[0].platform} "
           f"({devices[0].device_kind}); inputs [B={cfg.batch}, T={cfg.seq_len}, "
-          f"D={cfg.embed}], N={cfg.num_heads}, causal, float32")
-    rows = [run_variant(cfg, name, k) for name, k in cfg.variants]
+          f"D={cfg.embed}], N={cfg.num_heads}, causal, float32; head-parallel mesh "
+          f"{dict(mesh.shape)}")
+    rows = [run_variant(cfg, name, k, mesh) for name, k in cfg.variants]
     print(format_table(rows))
+    print("sharded_err: head-parallel forward vs one device; collectives: non-trivial ops in the "
+          "compiled sharded forward / forward+backward (op@mesh axes:count)")
     if rows[0]["max_err_vs_torch"] is None:
         print("(torch is not installed: no reference check; pip install torch==2.13.0)")
     return rows

@@ -18,4 +18,7 @@ def test_demo_rows(capsys):
         assert row["kv_bytes_per_token"] == row["K"] * 16 * 4
         assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0
         assert f"  {row['variant']}  " in out
+        # head-parallel on all 8 fake devices (N=4: mesh data=2, model=4)
+        assert row["sharded_err"] < 1e-5, row
+        assert row["fwd_collectives"] == "all-reduce@model:1", row
     assert rows[0]["params"] > rows[1]["params"] > rows[2]["params"]
