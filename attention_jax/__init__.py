@@ -8,7 +8,8 @@
 (1, (1, 6, 32))
 """
 
-from attention_jax import interop, masks, ops
+from attention_jax import cache, convert, interop, masks, ops, rope
+from attention_jax.cache import KVCache
 from attention_jax.masks import causal_mask, combine_masks, padding_mask, sliding_window_mask
 from attention_jax.modules import (
     GroupedQueryAttention,
@@ -22,15 +23,19 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GroupedQueryAttention",
+    "KVCache",
     "MultiHeadAttention",
     "MultiQueryAttention",
     "attention_forward",
+    "cache",
     "causal_mask",
     "combine_masks",
+    "convert",
     "dot_product_attention",
     "interop",
     "masks",
     "ops",
     "padding_mask",
+    "rope",
     "sliding_window_mask",
 ]

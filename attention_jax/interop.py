@@ -321,6 +321,11 @@ def check_torch_representable(module: MultiHeadAttention) -> None:
             f"torch.nn.MultiheadAttention uses the scale 1/sqrt(head_dim) = "
             f"{ops.default_scale(H):.6g}; the module has scale {module.scale}"
         )
+    if getattr(module, "rope", None) is not None:
+        raise ValueError(
+            f"torch.nn.MultiheadAttention has no rotary embeddings; the module has "
+            f"rope={module.rope}"
+        )
 
 
 def _torch_tensor(torch, x: np.ndarray):

@@ -28,7 +28,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attention_jax import cache as kv_cache
 from attention_jax import ops
+from attention_jax import rope as rope_lib
 
 Array = jax.Array
 Initializer = Callable[[Array, Sequence[int], Any], Array]
@@ -93,6 +95,9 @@ class MultiHeadAttention(nnx.Module):
         ``[fan_in, fan_out]`` shape.
       deterministic: default for ``__call__``'s ``deterministic`` (``None`` means
         dropout is on when ``dropout_rate > 0``).
+      rope: rotary position embeddings' base theta (e.g. ``10_000.0``), applied
+        to q and k after projection at their absolute positions
+        (:mod:`attention_jax.rope`); ``None`` (default) means no rope.
       rngs: ``nnx.Rngs`` with ``params`` (and ``dropout`` when dropout is used).
 
     >>> import jax.numpy as jnp
@@ -100,6 +105,14 @@ class MultiHeadAttention(nnx.Module):
     >>> mha = MultiHeadAttention(64, 8, num_kv_heads=2, rngs=nnx.Rngs(0))   # GQA
     >>> mha(jnp.ones((2, 10, 64)), is_causal=True).shape
     (2, 10, 64)
+
+    Decoding with an explicit cache (:mod:`attention_jax.cache`):
+
+    >>> cache = mha.init_cache(batch_size=2, max_length=16)
+    >>> y, cache = mha.decode(jnp.ones((2, 5, 64)), cache)       # prefill 5 tokens
+    >>> y, cache = mha.decode(jnp.ones((2, 1, 64)), cache)       # one step
+    >>> cache.k.shape, cache.lengths.tolist()                    # sized by K = 2
+    ((2, 16, 2, 8), [6, 6])
     """
 
     def __init__(
@@ -122,6 +135,7 @@ class MultiHeadAttention(nnx.Module):
         kernel_init: Initializer | None = None,
         bias_init: Initializer = _ZEROS,
         deterministic: bool | None = None,
+        rope: float | None = None,
         rngs: nnx.Rngs,
     ):
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -142,6 +156,7 @@ class MultiHeadAttention(nnx.Module):
             head_dim = in_features // num_heads
         if not 0.0 <= dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1); got {dropout_rate}")
+        rope_lib.check_rope(rope, head_dim)
         if implementation is not None and implementation not in ops.available_implementations():
             raise ValueError(
                 f"unknown implementation {implementation!r}; available: "
@@ -163,6 +178,7 @@ class MultiHeadAttention(nnx.Module):
         self.implementation = implementation
         self.scale = scale
         self.deterministic = deterministic
+        self.rope = rope
 
         kinit = default_kernel_init() if kernel_init is None else kernel_init
         N, K, H, V = num_heads, num_kv_heads, head_dim, self.v_head_dim
@@ -207,6 +223,11 @@ class MultiHeadAttention(nnx.Module):
         """Used by ``nnx.view`` / ``module.eval()`` / ``module.train()``."""
         if deterministic is not None:
             self.deterministic = deterministic
+
+    def _params(self) -> dict[str, Array | None]:
+        """Parameter values by name (``PARAM_AXES`` order), None for absent biases."""
+        params = {name: getattr(self, name) for name in PARAM_AXES}
+        return {name: None if p is None else p[...] for name, p in params.items()}
 
     def _dropout_rng(self, deterministic: bool | None) -> Array | None:
         if self.dropout_rate == 0.0:
@@ -254,8 +275,7 @@ class MultiHeadAttention(nnx.Module):
                 f"inputs_k {inputs_k.shape} and inputs_v {inputs_v.shape} must share "
                 "[batch, length]"
             )
-        params = {name: getattr(self, name) for name in PARAM_AXES}
-        params = {name: None if p is None else p[...] for name, p in params.items()}
+        params = self._params()
         dropout_rng = self._dropout_rng(deterministic)
         y, weights = attention_forward(
             params, inputs_q, inputs_k, inputs_v,
@@ -263,10 +283,71 @@ class MultiHeadAttention(nnx.Module):
             dropout_rate=0.0 if dropout_rng is None else self.dropout_rate,
             dropout_rng=dropout_rng,
             return_weights=return_weights, implementation=self.implementation,
-            dtype=self.dtype,
+            dtype=self.dtype, rope=self.rope,
         )
         y = y if params["o_bias"] is None else y + params["o_bias"].astype(y.dtype)
         return (y, weights) if return_weights else y
+
+    # -- decoding ----------------------------------------------------------
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> kv_cache.KVCache:
+        """An empty :class:`~attention_jax.cache.KVCache` for this module's K, H and V.
+
+        Args:
+          batch_size: B.
+          max_length: L, the most tokens (prompt and generated) a row can hold.
+          dtype: cache dtype; default the module's ``dtype``, else ``param_dtype``.
+            ``jnp.int8`` stores keys and values quantized per token and head.
+        """
+        if dtype is None:
+            dtype = self.param_dtype if self.dtype is None else self.dtype
+        return kv_cache.init_cache(
+            batch_size, max_length, self.num_kv_heads, self.head_dim, self.v_head_dim, dtype
+        )
+
+    def decode(
+        self,
+        x: Array,
+        cache: kv_cache.KVCache,
+        *,
+        mask: Array | None = None,
+        valid_lengths: Array | None = None,
+    ) -> tuple[Array, kv_cache.KVCache]:
+        """Causal self-attention of new tokens to the cache and to themselves.
+
+        A prefill (t > 1) and a single-token step (t = 1) are the same call.
+        Rows sit at their own positions ``cache.lengths``; rope (when set) uses
+        them. No dropout is applied. Wrap in ``nnx.jit(..., donate_argnums=...)``
+        to update the cache in place. See :mod:`attention_jax.cache` for ragged
+        prompts, overflow and int8.
+
+        Args:
+          x: ``[B, t, D]`` new tokens, t >= 1.
+          cache: from :meth:`init_cache` or a previous call.
+          mask: optional extra boolean mask broadcastable to ``[B, N, t, L]``.
+          valid_lengths: ``[B]`` real tokens per row among the t (right-padded
+            prompts of different lengths); default t. Padded tokens are not
+            stored and their outputs are to be ignored.
+
+        Returns:
+          ``(y [B, t, Do], updated cache)``.
+
+        Raises:
+          ValueError: when eager and a row would pass the cache's ``max_length``.
+        """
+        self._check_width("x", x, self.in_features)
+        if self.in_k_features != self.in_features or self.in_v_features != self.in_features:
+            raise ValueError(
+                "decode is self-attention: it needs in_k_features == in_v_features == "
+                f"in_features; got {self.in_k_features}, {self.in_v_features}, {self.in_features}"
+            )
+        params = self._params()
+        y, cache = decode_forward(
+            params, x, cache, mask=mask, valid_lengths=valid_lengths, scale=self.scale,
+            rope=self.rope, implementation=self.implementation, dtype=self.dtype,
+        )
+        y = y if params["o_bias"] is None else y + params["o_bias"].astype(y.dtype)
+        return y, cache
 
 
 def attention_forward(
@@ -283,6 +364,9 @@ def attention_forward(
     return_weights: bool = False,
     implementation: str | None = None,
     dtype: Any = None,
+    rope: float | None = None,
+    positions: Array | None = None,
+    kv_positions: Array | None = None,
 ) -> tuple[Array, Array | None]:
     """The module's math on plain arrays, without the output bias.
 
@@ -293,17 +377,16 @@ def attention_forward(
     Args:
       params: the module's parameters by name (``PARAM_AXES``), biases may be None.
       inputs_q: ``[B, T, D]``; inputs_k ``[B, S, Dk]``; inputs_v ``[B, S, Dv]``.
+      rope: rotary base theta, or None for no rotary embedding.
+      positions: ``[T]`` or ``[B, T]`` query positions for rope; default ``arange(T)``.
+      kv_positions: ``[S]`` or ``[B, S]`` key positions for rope; default ``arange(S)``.
 
     Returns:
       ``([B, T, Do], weights [B, N, T, S] or None)``.
     """
-    arrays = [inputs_q, inputs_k, inputs_v, *(p for p in params.values() if p is not None)]
-    dtype = jnp.result_type(*arrays) if dtype is None else dtype
-    p = {n: None if a is None else jnp.asarray(a, dtype) for n, a in params.items()}
-    xq, xk, xv = (jnp.asarray(x, dtype) for x in (inputs_q, inputs_k, inputs_v))
-    q = ops.project_heads(xq, p["q_kernel"], p["q_bias"])  # [B, T, N, H]
-    k = ops.project_heads(xk, p["k_kernel"], p["k_bias"])  # [B, S, K, H]
-    v = ops.project_heads(xv, p["v_kernel"], p["v_bias"])  # [B, S, K, V]
+    p, dtype = _cast_params(params, inputs_q, inputs_k, inputs_v, dtype=dtype)
+    q, k, v = _project_qkv(p, inputs_q, inputs_k, inputs_v, dtype=dtype, rope=rope,
+                           positions=positions, kv_positions=kv_positions)
     out = ops.dot_product_attention(
         q, k, v, mask, is_causal=is_causal, scale=scale,
         dropout_rate=dropout_rate, dropout_rng=dropout_rng,
@@ -311,6 +394,76 @@ def attention_forward(
     )
     out, weights = out if return_weights else (out, None)
     return ops.merge_heads(out, p["o_kernel"]), weights  # [B, T, Do]
+
+
+def _cast_params(params: dict[str, Array | None], *inputs: Array, dtype: Any
+                 ) -> tuple[dict[str, Array | None], Any]:
+    """Parameters in the computation dtype (default: promoted from inputs and params)."""
+    arrays = [*inputs, *(p for p in params.values() if p is not None)]
+    dtype = jnp.result_type(*arrays) if dtype is None else dtype
+    return {n: None if a is None else jnp.asarray(a, dtype) for n, a in params.items()}, dtype
+
+
+def _project_qkv(
+    p: dict[str, Array | None],
+    inputs_q: Array,
+    inputs_k: Array,
+    inputs_v: Array,
+    *,
+    dtype: Any,
+    rope: float | None,
+    positions: Array | None,
+    kv_positions: Array | None,
+) -> tuple[Array, Array, Array]:
+    """Projections to heads, rope on q and k: ``[B, T, N, H], [B, S, K, H], [B, S, K, V]``."""
+    xq, xk, xv = (jnp.asarray(x, dtype) for x in (inputs_q, inputs_k, inputs_v))
+    q = ops.project_heads(xq, p["q_kernel"], p["q_bias"])  # [B, T, N, H]
+    k = ops.project_heads(xk, p["k_kernel"], p["k_bias"])  # [B, S, K, H]
+    v = ops.project_heads(xv, p["v_kernel"], p["v_bias"])  # [B, S, K, V]
+    if rope is not None:
+        T, S = q.shape[1], k.shape[1]
+        positions = jnp.arange(T) if positions is None else positions
+        kv_positions = jnp.arange(S) if kv_positions is None else kv_positions
+        q = rope_lib.apply_rope(q, positions, rope)
+        k = rope_lib.apply_rope(k, kv_positions, rope)
+    return q, k, v
+
+
+def decode_forward(
+    params: dict[str, Array | None],
+    x: Array,
+    cache: kv_cache.KVCache,
+    *,
+    mask: Array | None = None,
+    valid_lengths: Array | None = None,
+    scale: float | None = None,
+    rope: float | None = None,
+    implementation: str | None = None,
+    dtype: Any = None,
+) -> tuple[Array, kv_cache.KVCache]:
+    """:meth:`MultiHeadAttention.decode` on plain arrays, without the output bias.
+
+    As :func:`attention_forward`, head counts come from the kernels' and the
+    cache's shapes, so a head-parallel caller passes local slices of both.
+
+    Args:
+      params: parameters by name (``PARAM_AXES``), biases may be None.
+      x: ``[B, t, D]`` new tokens; they sit at positions ``cache.lengths + arange(t)``.
+      cache: the :class:`~attention_jax.cache.KVCache` before the step.
+      mask, valid_lengths: see :meth:`MultiHeadAttention.decode`.
+
+    Returns:
+      ``(y [B, t, Do], updated cache)``.
+    """
+    p, dtype = _cast_params(params, x, dtype=dtype)
+    pos = kv_cache.positions(cache, x.shape[1])  # [B, t]
+    q, k, v = _project_qkv(p, x, x, x, dtype=dtype, rope=rope, positions=pos,
+                           kv_positions=pos)
+    out, cache = kv_cache.cached_attention(
+        q, k, v, cache, valid_lengths=valid_lengths, mask=mask, scale=scale,
+        implementation=implementation,
+    )  # [B, t, N, V]
+    return ops.merge_heads(out, p["o_kernel"]), cache  # [B, t, Do]
 
 
 def MultiQueryAttention(in_features: int, num_heads: int, **kwargs) -> MultiHeadAttention:

@@ -1,0 +1,235 @@
+"""KV-cache decoding: equal to the full causal forward pass, ragged prompts, overflow, int8.
+
+The expected values are the module's full forward pass with ``is_causal=True``
+(itself checked against NumPy in test_modules.py); decoding shares only the
+projections with it, not the cache, the positions or the masks under test.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import attention_jax as aj
+from attention_jax import cache as kv
+
+ATOL_F32 = RTOL_F32 = 1e-5
+# int8 (or bf16) cache against the f32 cache, relative to max|y| (measured: 0.25-0.4%, bf16 0.2%).
+ATOL_INT8 = 1e-2
+ATOL_BF16_CACHE = 1e-2
+
+VARIANTS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
+ROPE = {"norope": None, "rope": 10_000.0}
+# Shared shapes (so eager runs reuse compiled ops): batch, cache length, width.
+B, L, D = 3, 8, 16
+
+
+def _module(variant, rope, **kwargs):
+    N, K = VARIANTS[variant]
+    return aj.MultiHeadAttention(
+        D, N, num_kv_heads=K, rope=rope, bias_init=nnx.initializers.normal(0.5),
+        rngs=nnx.Rngs(0), **kwargs,
+    )
+
+
+def _decode_fn(jit: bool):
+    def step(m, x, c, valid=None):
+        return m.decode(x, c, valid_lengths=valid)
+
+    return nnx.jit(step, donate_argnums=2) if jit else step
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("rope", ROPE)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_token_by_token_equals_full_forward(variant, rope, jit):
+    m = _module(variant, ROPE[rope])
+    x = jax.random.normal(jax.random.key(1), (B, 5, D))
+    expected = m(x, is_causal=True)
+    step = _decode_fn(jit)
+    cache = m.init_cache(B, L)
+    ys = []
+    for i in range(x.shape[1]):
+        y, cache = step(m, x[:, i:i + 1], cache)
+        ys.append(y)
+    chex.assert_trees_all_close(jnp.concatenate(ys, 1), expected, atol=ATOL_F32, rtol=RTOL_F32)
+    np.testing.assert_array_equal(cache.lengths, [5] * B)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("rope", ROPE)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ragged_prefill_then_steps_equals_full_forward(variant, rope, jit):
+    """Right-padded prompts of lengths 2, 5, 3; then a 2-token chunk; then a single step."""
+    m = _module(variant, ROPE[rope])
+    prompt = np.array([2, 5, 3])
+    P, n_after = int(prompt.max()), 3
+    seqs = jax.random.normal(jax.random.key(2), (B, P + n_after, D))
+    expected = m(seqs, is_causal=True)  # row b is real on [0, prompt[b] + n_after)
+    # The padding is noise that must not leak into the cache.
+    noise = 10.0 * jax.random.normal(jax.random.key(3), (B, P, D))
+    pad = np.arange(P)[None, :, None] >= prompt[:, None, None]
+    x_prefill = jnp.where(pad, noise, seqs[:, :P])
+
+    def tokens(start, t):  # [B, t, D]: row b's tokens start[b] .. start[b] + t - 1
+        idx = start[:, None] + np.arange(t)[None, :]
+        return seqs[np.arange(B)[:, None], idx], idx
+
+    step = _decode_fn(jit)
+    cache = m.init_cache(B, L)
+    y, cache = step(m, x_prefill, cache, jnp.asarray(prompt))
+    np.testing.assert_array_equal(cache.lengths, prompt)
+    for b in range(B):
+        chex.assert_trees_all_close(y[b, :prompt[b]], expected[b, :prompt[b]],
+                                    atol=ATOL_F32, rtol=RTOL_F32)
+    pos = prompt.copy()
+    for t in (2, 1):
+        x, idx = tokens(pos, t)
+        y, cache = step(m, x, cache)
+        chex.assert_trees_all_close(y, expected[np.arange(B)[:, None], idx],
+                                    atol=ATOL_F32, rtol=RTOL_F32)
+        pos += t
+    np.testing.assert_array_equal(cache.lengths, prompt + n_after)
+
+
+def test_padded_tokens_are_not_stored():
+    m = _module("gqa", None)
+    cache = m.init_cache(B, L)
+    valid = np.array([1, 3, 0])
+    _, cache = m.decode(jnp.ones((B, 5, D)), cache, valid_lengths=jnp.asarray(valid))
+    np.testing.assert_array_equal(cache.lengths, valid)
+    stored = np.abs(np.asarray(cache.k)).sum((2, 3)) > 0  # [B, L]
+    np.testing.assert_array_equal(stored, np.arange(L)[None, :] < valid[:, None])
+
+
+def test_extra_mask_sliding_window_equals_full_forward():
+    m = _module("gqa", 100.0)
+    x = jax.random.normal(jax.random.key(4), (B, 7, D))
+    expected = m(x, mask=aj.sliding_window_mask(7, window=3))
+    cache = m.init_cache(B, L)
+    y1, cache = m.decode(x[:, :5], cache, mask=aj.sliding_window_mask(5, L, window=3))
+    ys = [y1]
+    for i in range(5, 7):
+        w = aj.sliding_window_mask(1, L, window=3, offset=cache.lengths)
+        y, cache = m.decode(x[:, i:i + 1], cache, mask=w)
+        ys.append(y)
+    chex.assert_trees_all_close(jnp.concatenate(ys, 1), expected, atol=ATOL_F32, rtol=RTOL_F32)
+
+
+def test_cache_is_a_typed_pytree_sized_by_kv_heads():
+    m = aj.MultiHeadAttention(D, 8, num_kv_heads=2, head_dim=6, v_head_dim=3, rngs=nnx.Rngs(0))
+    c = m.init_cache(3, 5)
+    assert isinstance(c, kv.KVCache)
+    assert (c.k.shape, c.v.shape, c.lengths.shape) == ((3, 5, 2, 6), (3, 5, 2, 3), (3,))
+    assert c.lengths.dtype == jnp.int32 and c.k.dtype == jnp.float32 and not c.quantized
+    leaves, tree = jax.tree_util.tree_flatten(c)
+    assert len(leaves) == 3
+    c2 = jax.tree_util.tree_unflatten(tree, leaves)
+    assert isinstance(c2, kv.KVCache)
+    assert c.bytes_per_token == m.kv_bytes_per_token() == 2 * (6 + 3) * 4
+    assert m.init_cache(1, 1, jnp.bfloat16).k.dtype == jnp.bfloat16
+
+
+def test_overflow_raises_eagerly_with_the_numbers():
+    m = _module("mqa", None)
+    cache = m.init_cache(2, 4)
+    _, cache = m.decode(jnp.ones((2, 3, D)), cache, valid_lengths=jnp.array([3, 1]))
+    with pytest.raises(ValueError, match=r"row 0 holds 3 tokens and 2 more.*max_length is 4"):
+        m.decode(jnp.ones((2, 2, D)), cache)
+    with pytest.raises(ValueError, match=r"need 5 positions, but max_length is 4"):
+        m.decode(jnp.ones((2, 5, D)), m.init_cache(2, 4))
+    # Padding beyond the capacity is fine: only real tokens count.
+    _, c = m.decode(jnp.ones((2, 2, D)), cache, valid_lengths=jnp.array([1, 2]))
+    np.testing.assert_array_equal(c.lengths, [4, 3])
+    with pytest.raises(ValueError, match=r"valid_lengths\[1\] = 3 is outside \[0, 2\]"):
+        m.decode(jnp.ones((2, 2, D)), cache, valid_lengths=jnp.array([0, 3]))
+
+
+def test_overflow_under_jit_drops_writes_and_saturates():
+    """Documented: inside jit, tokens at positions >= L are dropped, lengths stop at L."""
+    m = _module("gqa", 10_000.0)
+    x = jax.random.normal(jax.random.key(5), (1, 6, D))
+    step = _decode_fn(jit=True)
+    _, big = m.decode(x, m.init_cache(1, 8))  # reference: room for everything
+    big_k = np.asarray(big.k)
+    _, c = step(m, x[:, :3], m.init_cache(1, 4))
+    _, c = step(m, x[:, 3:6], c)  # 3 more tokens: only one fits
+    np.testing.assert_array_equal(c.lengths, [4])
+    chex.assert_trees_all_close(c.k[:, :4], big_k[:, :4], atol=ATOL_F32, rtol=RTOL_F32)
+    _, c = step(m, x[:, 5:6], c)  # a full cache stays as is
+    np.testing.assert_array_equal(c.lengths, [4])
+    chex.assert_trees_all_close(c.k[:, :4], big_k[:, :4], atol=ATOL_F32, rtol=RTOL_F32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.int8], ids=["f32", "int8"])
+def test_donated_cache_is_consumed_under_jit(dtype):
+    m = _module("mha", None)
+    step = _decode_fn(jit=True)
+    c0 = m.init_cache(B, L, dtype)
+    _, c1 = step(m, jnp.ones((B, 1, D)), c0)
+    assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(c0))
+    np.testing.assert_array_equal(c1.lengths, [1] * B)
+
+
+# --------------------------------------------------------------------------- int8
+
+
+def test_quantize_int8_error_is_half_a_step():
+    x = 3.0 * jax.random.normal(jax.random.key(6), (4, 5, 2, 64))
+    q, s = kv.quantize_int8(x)
+    assert q.dtype == jnp.int8 and s.shape == (4, 5, 2) and s.dtype == jnp.bfloat16
+    xn = np.asarray(x, np.float64)
+    step = np.abs(xn).max(-1) / 127  # exact scale, numpy
+    err = np.abs(np.asarray(kv.dequantize_int8(q, s), np.float64) - xn)
+    # half a step, plus the bfloat16 rounding of the scale (< 2**-8 relative) at |x| <= 127 s
+    assert np.all(err <= step[..., None] * (0.5 + 127 * 2.0**-8) + 1e-7)
+    assert np.all(np.asarray(q) == 0) == np.all(xn == 0)
+    z, zs = kv.quantize_int8(jnp.zeros((2, 8)))
+    np.testing.assert_array_equal(kv.dequantize_int8(z, zs), np.zeros((2, 8)))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_int8_cache_error_bounded_against_float_caches(variant):
+    m = _module(variant, 10_000.0)
+    x = jax.random.normal(jax.random.key(7), (B, 7, D))
+    step = _decode_fn(jit=True)
+    out = {}
+    for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16), ("int8", jnp.int8)):
+        cache = m.init_cache(B, L, dtype)
+        y0, cache = step(m, x[:, :5], cache)  # prefill, then two steps
+        y1, cache = step(m, x[:, 5:6], cache)
+        y2, cache = step(m, x[:, 6:7], cache)
+        out[name] = np.asarray(jnp.concatenate([y0, y1, y2], 1))
+    scale = np.abs(out["f32"]).max()
+    err_int8 = np.abs(out["int8"] - out["f32"]).max()
+    err_bf16 = np.abs(out["bf16"] - out["f32"]).max()
+    assert err_int8 <= ATOL_INT8 * scale, (err_int8, scale)
+    assert err_bf16 <= ATOL_BF16_CACHE * scale, (err_bf16, scale)
+    assert np.abs(out["int8"] - out["bf16"]).max() <= (ATOL_INT8 + ATOL_BF16_CACHE) * scale
+    assert err_int8 > 0  # really quantized
+
+
+def test_int8_bytes_per_token_half_of_bf16():
+    """H = V = 64, K = 2: int8 2*64*2 + scales 2*2*2 bytes = 264 against bf16 512."""
+    m = aj.MultiHeadAttention(512, 8, num_kv_heads=2, rngs=nnx.Rngs(0))
+    c8, c16 = m.init_cache(1, 4, jnp.int8), m.init_cache(1, 4, jnp.bfloat16)
+    assert c8.quantized and c8.k_scale.shape == (1, 4, 2)
+    assert c16.bytes_per_token == m.kv_bytes_per_token(jnp.bfloat16) == 2 * 2 * 64 * 2
+    assert c8.bytes_per_token == 2 * 2 * 64 + 2 * 2 * 2
+    assert c8.bytes_per_token / c16.bytes_per_token <= 0.52
+    # nbytes counts every array the cache holds, lengths included
+    assert c8.nbytes == sum(x.nbytes for x in jax.tree_util.tree_leaves(c8))
+    assert c8.nbytes == 4 * c8.bytes_per_token + 4
+
+
+def test_decode_shape_errors():
+    m = _module("gqa", None)
+    with pytest.raises(ValueError, match=r"do not fit the cache"):
+        m.decode(jnp.ones((B, 1, D)), kv.init_cache(B, L, num_kv_heads=4, head_dim=4))
+    with pytest.raises(ValueError, match=r"valid_lengths must be \[batch\] = \[3\]"):
+        m.decode(jnp.ones((B, 2, D)), m.init_cache(B, L), valid_lengths=jnp.array([1, 2]))
+    cross = aj.MultiHeadAttention(D, 4, in_k_features=8, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="decode is self-attention"):
+        cross.decode(jnp.ones((B, 1, D)), cross.init_cache(B, L))
