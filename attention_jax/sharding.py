@@ -519,7 +519,7 @@ class HeadParallelAttention(nnx.Module):
             is_causal=is_causal, scale=module.scale,
             dropout_rate=0.0 if rng is None else module.dropout_rate,
             return_weights=return_weights, implementation=module.implementation,
-            dtype=module.dtype,
+            dtype=module.dtype, rope=module.rope,
         )
         plan = _Plan(
             backend=self.backend, mesh=self.mesh, layout=self.layout,

@@ -496,3 +496,17 @@ def test_collective_counting_reads_async_and_tuple_ops():
     assert sh.collective_counts(text)["all-reduce"] == 1
     assert sh.collective_counts(text, include_trivial=True)["all-reduce"] == 2
     assert sh.collective_summary(text, mesh) == {"all-reduce@data": 1, "all-gather@model": 1}
+
+
+def test_rope_module_head_parallel_equals_one_device():
+    """Rotary positions are applied inside the shared forward on every device."""
+    module = MultiHeadAttention(32, 8, num_kv_heads=2, head_dim=8, rope=10_000.0,
+                                rngs=nnx.Rngs(3))
+    x = jax.random.normal(jax.random.key(4), (4, 6, 32))
+    ref = module(x, is_causal=True)
+    no_rope = MultiHeadAttention(32, 8, num_kv_heads=2, head_dim=8, rngs=nnx.Rngs(3))(
+        x, is_causal=True)
+    assert not np.allclose(ref, no_rope, atol=1e-3)  # rope changes the result
+    hp = sh.head_parallel(nnx.clone(module), sh.make_mesh(2, 4))
+    y = nnx.jit(lambda m, x: m(x, is_causal=True))(hp, x)
+    chex.assert_trees_all_close(y, ref, atol=ATOL_F32, rtol=RTOL_F32)
