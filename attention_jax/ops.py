@@ -18,6 +18,7 @@ the grouping ``[B, T, K, G, H]`` never materialises repeated keys or values.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -48,8 +49,17 @@ def register_implementation(name: str, fn: Callable[..., Array]) -> None:
 
 
 def available_implementations() -> tuple[str, ...]:
-    """Names accepted by ``implementation=`` (``None`` means ``"xla"``)."""
+    """Names accepted by ``implementation=``.
+
+    ``None`` means ``"auto"`` once :mod:`attention_jax.kernels` has registered it
+    (importing :mod:`attention_jax` does), else ``"xla"``.
+    """
     return tuple(_IMPLEMENTATIONS)
+
+
+def default_implementation() -> str:
+    """What ``implementation=None`` resolves to: ``"auto"`` if registered, else ``"xla"``."""
+    return "auto" if "auto" in _IMPLEMENTATIONS else "xla"
 
 
 # ---------------------------------------------------------------------------
@@ -242,6 +252,7 @@ def dot_product_attention(
     dropout_rng: Array | None = None,
     return_weights: bool = False,
     implementation: str | None = None,
+    remat: bool = False,
 ) -> Array | tuple[Array, Array]:
     """Scaled dot-product attention for MHA, MQA and GQA.
 
@@ -258,9 +269,13 @@ def dot_product_attention(
       dropout_rng: PRNG key for dropout.
       return_weights: also return the weights actually applied to the values
         (after mask and dropout), ``[B, N, T, S]`` in float32.
-      implementation: ``None`` or ``"xla"`` (the einsum path), or a name added by
-        :func:`register_implementation`. Dropout and returned weights always use
-        the einsum path.
+      implementation: ``"xla"`` (the einsum path), or a name added by
+        :func:`register_implementation` (``"blockwise"``, ``"cudnn"``, ``"auto"``,
+        see :mod:`attention_jax.kernels`); ``None`` is :func:`default_implementation`.
+        Dropout and returned weights always use the einsum path.
+      remat: wrap the attention in ``jax.checkpoint``: the backward pass
+        recomputes it instead of keeping its intermediates (for the einsum path,
+        the ``[B, N, T, S]`` weights).
 
     Returns:
       ``[B, T, N, V]`` in q's dtype, and the weights when ``return_weights``.
@@ -282,21 +297,25 @@ def dot_product_attention(
         raise ValueError(f"dropout_rate must be in [0, 1); got {dropout_rate}")
     if dropout_rate > 0.0 and dropout_rng is None:
         raise ValueError(f"dropout_rate={dropout_rate} needs a dropout_rng")
-    impl = "xla" if implementation is None else implementation
+    impl = default_implementation() if implementation is None else implementation
     if impl not in _IMPLEMENTATIONS:
         raise ValueError(
             f"unknown implementation {implementation!r}; available: "
             f"{available_implementations()}"
         )
     if return_weights or dropout_rate > 0.0 or impl == "xla":
-        out, weights = _einsum_attention(
-            q, k, v, mask, bias, is_causal=is_causal, scale=scale,
-            dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-        )
+        def fn(q, k, v, mask, bias, dropout_rng):
+            return _einsum_attention(
+                q, k, v, mask, bias, is_causal=is_causal, scale=scale,
+                dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+            )
+
+        out, weights = (jax.checkpoint(fn) if remat else fn)(q, k, v, mask, bias, dropout_rng)
         if return_weights:
             return out, weights.reshape(B, N, T, S)
         return out
-    return _IMPLEMENTATIONS[impl](q, k, v, mask, bias, is_causal=is_causal, scale=scale)
+    fn = functools.partial(_IMPLEMENTATIONS[impl], is_causal=is_causal, scale=scale)
+    return (jax.checkpoint(fn) if remat else fn)(q, k, v, mask, bias)
 
 
 # ---------------------------------------------------------------------------

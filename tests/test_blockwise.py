@@ -1,0 +1,302 @@
+"""Fast-attention backends ("blockwise", "auto", "cudnn") against the einsum reference.
+
+The reference is the einsum path (``ops.attention_core``, implementation "xla"),
+which materialises the scores; the blockwise kernel never does, so every check
+here compares two independent computations. Small blocks (4 x 4) with T=10,
+S=13 give several query and key blocks, ragged last blocks and, with
+``is_causal``, skipped and straddling blocks.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attention_jax import kernels, ops
+from attention_jax.kernels import blockwise, dispatch
+
+# Stated tolerances (absolute; values and gradients are O(1) here).
+F32_TOL = dict(atol=2e-5, rtol=2e-5)
+F32_GRAD_TOL = dict(atol=1e-4, rtol=1e-4)
+# bf16 inputs, float32 accumulation on both sides; the two paths round
+# differently (per-block rescaling), so about 3 bf16 ulps at O(1).
+BF16_TOL = dict(atol=3e-2, rtol=3e-2)
+BF16_GRAD_TOL = dict(atol=6e-2, rtol=6e-2)
+
+HEADS = {"mha": (4, 4), "mqa": (4, 1), "gqa": (4, 2)}
+B, T, S, H, V = 2, 10, 13, 8, 6
+BLOCK = 4
+
+
+def _inputs(N, K, T=T, S=S, *, dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, T, N, H))
+    k = rng.standard_normal((B, S, K, H))
+    v = rng.standard_normal((B, S, K, V))
+    return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+
+
+def _mask(kind, N, T=T, S=S, seed=1):
+    """Masks of the shapes callers use; "full" has rows that see no key."""
+    rng = np.random.default_rng(seed)
+    if kind is None:
+        return None
+    if kind == "keypad":  # [B, 1, 1, S], lengths 7 and S
+        return jnp.arange(S)[None, None, None, :] < jnp.array([7, S])[:, None, None, None]
+    if kind == "full":  # [B, N, T, S] random, rows 3 (batch 0, head 1) and T-1 (all) empty
+        m = rng.random((B, N, T, S)) > 0.3
+        m[0, 1, 3, :] = False
+        m[:, :, T - 1, :] = False
+        return jnp.asarray(m)
+    if kind == "query":  # [1, 1, T, S] random, shared by batch and heads
+        return jnp.asarray(rng.random((1, 1, T, S)) > 0.4)
+    raise ValueError(kind)
+
+
+def _out_and_grads(fn, mask, argnums, *, is_causal):
+    """``(q, k, v[, bias]) -> (out, grads)`` of a loss that weights every output differently."""
+
+    def loss(q, k, v, bias=None):
+        out = fn(q, k, v, mask, bias, is_causal=is_causal, scale=None)
+        w = jnp.sin(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
+        return jnp.sum(out.astype(jnp.float32) * w), out
+
+    def out_and_grads(*args):
+        grads, out = jax.grad(loss, argnums, has_aux=True)(*args)
+        return out, grads
+
+    return out_and_grads
+
+
+def _blockwise_4x4(q, k, v, mask=None, bias=None, *, is_causal=False, scale=None):
+    return blockwise.blockwise_attention(
+        q, k, v, mask, bias, is_causal=is_causal, scale=scale, block_q=BLOCK, block_kv=BLOCK
+    )
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Registered backends ("blockwise", and "auto" above its threshold) use 4 x 4 blocks."""
+    monkeypatch.setitem(blockwise._BLOCKS, "cpu", (BLOCK, BLOCK))
+    monkeypatch.setitem(dispatch.AUTO_EINSUM_MAX_TS, "cpu", 0)  # auto -> blockwise here
+
+
+def _via_ops(impl):
+    def fn(q, k, v, mask=None, bias=None, *, is_causal=False, scale=None):
+        return ops.dot_product_attention(
+            q, k, v, mask, bias, is_causal=is_causal, scale=scale, implementation=impl
+        )
+
+    return fn
+
+
+def _check(fn, q, k, v, mask, bias=None, *, is_causal, jit=True, tol=F32_TOL,
+           grad_tol=F32_GRAD_TOL):
+    """``fn`` (signature of ops.attention_core) equals the einsum path, values and gradients."""
+    argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+    args = (q, k, v) if bias is None else (q, k, v, bias)
+    got_fn = _out_and_grads(fn, mask, argnums, is_causal=is_causal)
+    got, g_got = (jax.jit(got_fn) if jit else got_fn)(*args)
+    want, g_want = jax.jit(_out_and_grads(ops.attention_core, mask, argnums,
+                                          is_causal=is_causal))(*args)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tol)
+    for name, a, b in zip("qkvb"[: len(argnums)], g_got, g_want, strict=True):
+        assert a.dtype == b.dtype, name
+        assert np.all(np.isfinite(np.asarray(a, np.float32))), f"d{name} not finite"
+        np.testing.assert_allclose(
+            np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=f"d{name}", **grad_tol
+        )
+
+
+# ---------------------------------------------------------------------------
+# Equality with the reference
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("heads", list(HEADS))
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("mask_kind", [None, "keypad", "full"])
+def test_blockwise_matches_reference(heads, is_causal, mask_kind):
+    N, K = HEADS[heads]
+    q, k, v = _inputs(N, K)
+    _check(_blockwise_4x4, q, k, v, _mask(mask_kind, N), is_causal=is_causal)
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "auto", "xla"])
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
+def test_registered_backends_match_reference(small_blocks, impl, jit):
+    N, K = HEADS["gqa"]
+    q, k, v = _inputs(N, K, seed=2)
+    _check(_via_ops(impl), q, k, v, _mask("full", N), is_causal=True, jit=jit)
+
+
+@pytest.mark.parametrize(
+    ("T_", "S_", "block_q", "block_kv", "is_causal"),
+    [
+        (13, 6, 4, 4, False),
+        (13, 6, 4, 4, True),  # T > S: late queries see every key
+        (5, 17, 4, 4, True),  # T < S: most key blocks skipped
+        (16, 16, 8, 4, True),  # block_q > block_kv
+        (16, 16, 4, 8, True),  # block_q < block_kv
+        (10, 13, 16, 16, False),  # one block larger than T and S
+    ],
+)
+def test_cross_lengths_and_block_shapes(T_, S_, block_q, block_kv, is_causal):
+    """T != S, T and S not multiples of the blocks, unequal blocks, one block > T."""
+    N, K = HEADS["gqa"]
+    q, k, v = _inputs(N, K, T_, S_, seed=3)
+
+    def fn(q, k, v, mask=None, bias=None, *, is_causal=False, scale=None):
+        return blockwise.blockwise_attention(
+            q, k, v, mask, bias, is_causal=is_causal, block_q=block_q, block_kv=block_kv
+        )
+
+    _check(fn, q, k, v, _mask("query", N, T_, S_), is_causal=is_causal)
+
+
+@pytest.mark.parametrize(
+    "bias_shape", [(1, 4, T, S), (B, 1, 1, S), (T, 1)], ids=["1NTS", "B11S", "T1"]
+)
+def test_bias_and_its_gradient(bias_shape):
+    N, K = HEADS["gqa"]
+    q, k, v = _inputs(N, K, seed=4)
+    bias = jnp.asarray(np.random.default_rng(5).standard_normal(bias_shape), jnp.float32)
+    _check(_blockwise_4x4, q, k, v, _mask("keypad", N), bias, is_causal=True)
+
+
+@pytest.mark.parametrize("heads", ["mqa", "gqa"])
+def test_bf16_inputs(heads):
+    N, K = HEADS[heads]
+    q, k, v = _inputs(N, K, dtype=jnp.bfloat16, seed=6)
+    _check(_blockwise_4x4, q, k, v, _mask("keypad", N), is_causal=True,
+           tol=BF16_TOL, grad_tol=BF16_GRAD_TOL)
+
+
+def test_fully_masked_rows_are_zero_with_zero_gradient():
+    N, K = HEADS["gqa"]
+    q, k, v = _inputs(N, K, seed=7)
+    mask = _mask("full", N)
+    out = _blockwise_4x4(q, k, v, mask, is_causal=True)
+    np.testing.assert_array_equal(np.asarray(out[:, T - 1]), 0.0)
+    np.testing.assert_array_equal(np.asarray(out[0, 3, 1]), 0.0)
+    dq = jax.grad(lambda q: _blockwise_4x4(q, k, v, mask, is_causal=True).sum())(q)
+    assert np.all(np.isfinite(np.asarray(dq)))
+    np.testing.assert_array_equal(np.asarray(dq[:, T - 1]), 0.0)
+    # Every key hidden: the whole output and every gradient are zero, not NaN.
+    none = jnp.zeros((1, 1, 1, S), bool)
+    grads = jax.grad(lambda *a: _blockwise_4x4(*a, none).sum(), (0, 1, 2))(q, k, v)
+    for g in grads:
+        np.testing.assert_array_equal(np.asarray(g), 0.0)
+
+
+# ---------------------------------------------------------------------------
+# Switch, remat, cudnn
+# ---------------------------------------------------------------------------
+
+
+def test_default_is_auto_and_weights_fall_back_to_einsum():
+    assert ops.default_implementation() == "auto"
+    assert {"xla", "blockwise", "cudnn", "auto"} <= set(ops.available_implementations())
+    N, K = HEADS["gqa"]
+    q, k, v = _inputs(N, K)
+    out, weights = ops.dot_product_attention(q, k, v, is_causal=True, return_weights=True)
+    assert weights.shape == (B, N, T, S)
+    np.testing.assert_allclose(out, ops.attention_core(q, k, v, is_causal=True), **F32_TOL)
+
+
+def test_auto_rules():
+    def shaped(t, s, dtype=jnp.float32, h=64):
+        kv = jax.ShapeDtypeStruct((1, s, 2, h), dtype)
+        return jax.ShapeDtypeStruct((1, t, 8, h), dtype), kv, kv
+
+    limit = dispatch.AUTO_EINSUM_MAX_TS["cpu"]
+    assert kernels.choose_implementation(*shaped(64, 64), platform="cpu") == "xla"
+    assert kernels.choose_implementation(*shaped(limit, 2), platform="cpu") == "blockwise"
+    assert kernels.choose_implementation(*shaped(4096, 4096), platform="cpu") == "blockwise"
+    bf16 = shaped(4096, 4096, jnp.bfloat16)
+    assert kernels.choose_implementation(*bf16, platform="gpu") == "cudnn"
+    # Not cuDNN-able on GPU: float32, or head size 12.
+    assert kernels.choose_implementation(*shaped(4096, 4096), platform="gpu") == "blockwise"
+    odd_h = shaped(4096, 4096, jnp.bfloat16, h=12)
+    assert kernels.choose_implementation(*odd_h, platform="gpu") == "blockwise"
+
+
+def test_cudnn_reasons_name_the_problem():
+    q, k, v = _inputs(4, 2)
+    with pytest.raises(ValueError, match=r"GPU.*'cpu'"):
+        ops.dot_product_attention(q, k, v, implementation="cudnn")
+    assert "float32" in kernels.cudnn_unsupported_reason(q, k, v, platform="gpu")
+    qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    assert "head size" in kernels.cudnn_unsupported_reason(qb, kb, vb, platform="gpu")  # H=8, V=6
+    q12 = jnp.zeros((1, 4, 4, 12), jnp.bfloat16)
+    assert "12" in kernels.cudnn_unsupported_reason(q12, q12[:, :, :2], q12[:, :, :2],
+                                                    platform="gpu")
+    q16 = jnp.zeros((1, 5, 4, 16), jnp.bfloat16)
+    m = jnp.ones((1, 1, 1, 5), bool)
+    assert "even" in kernels.cudnn_unsupported_reason(q16, q16, q16, m, platform="gpu")
+    assert kernels.cudnn_unsupported_reason(q16, q16, q16, platform="gpu") is None
+
+
+@pytest.mark.parametrize("heads", ["mqa", "gqa"])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_cudnn_mapping_through_jax_nn_xla(heads, is_causal):
+    """The cudnn backend's mask/bias/GQA mapping, run by jax.nn's XLA path on CPU."""
+    N, K = HEADS[heads]
+    rng = np.random.default_rng(8)
+    q, k, v = (jnp.asarray(rng.standard_normal((B, t, n, H)), jnp.float32)
+               for t, n in ((T, N), (S, K), (S, K)))
+    mask = _mask("full", N)
+    bias = jnp.asarray(rng.standard_normal((1, N, T, S)), jnp.float32)
+
+    def fn(q, k, v, mask=None, bias=None, *, is_causal=False, scale=None):
+        return dispatch.jax_nn_attention(q, k, v, mask, bias, is_causal=is_causal,
+                                         implementation="xla")
+
+    _check(fn, q, k, v, mask, bias, is_causal=is_causal)
+
+
+@pytest.mark.parametrize("impl", ["xla", "blockwise"])
+def test_remat_same_values_and_gradients(small_blocks, impl):
+    N, K = HEADS["gqa"]
+    q, k, v = _inputs(N, K, seed=9)
+    mask = _mask("keypad", N)
+
+    def loss(q, k, v, remat):
+        out = ops.dot_product_attention(q, k, v, mask, is_causal=True, implementation=impl,
+                                        remat=remat)
+        return jnp.sum(out * out)
+
+    plain = jax.jit(jax.value_and_grad(loss, (0, 1, 2)), static_argnums=3)
+    (l0, g0), (l1, g1) = plain(q, k, v, False), plain(q, k, v, True)
+    np.testing.assert_allclose(l0, l1, **F32_TOL)
+    for a, b in zip(g0, g1, strict=True):
+        np.testing.assert_allclose(a, b, **F32_GRAD_TOL)
+
+
+def test_bad_block_size_raises():
+    q, k, v = _inputs(4, 2)
+    with pytest.raises(ValueError, match="block_q=0"):
+        blockwise.blockwise_attention(q, k, v, block_q=0)
+
+
+# ---------------------------------------------------------------------------
+# Memory (compile-time analysis, nothing runs)
+# ---------------------------------------------------------------------------
+
+
+def _temp_bytes(fn, t):
+    """Temporary bytes of jit(grad) of ``fn`` at B=1, T=S=t, N=4, K=2, H=32."""
+    q = jax.ShapeDtypeStruct((1, t, 4, 32), jnp.float32)
+    kv = jax.ShapeDtypeStruct((1, t, 2, 32), jnp.float32)
+    grad = jax.grad(lambda q, k, v: fn(q, k, v, is_causal=True).sum(), (0, 1, 2))
+    return jax.jit(grad).lower(q, kv, kv).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_blockwise_temp_memory_is_small_and_linear_in_t():
+    blk = {t: _temp_bytes(blockwise.blockwise_core, t) for t in (2048, 4096)}
+    ein = _temp_bytes(ops.attention_core, 2048)
+    # einsum keeps [B, N, T, S] f32 scores (64 MiB here); blockwise O(T) plus one tile.
+    assert ein >= 4 * 2048 * 2048 * 4
+    assert blk[2048] * 8 <= ein, (blk, ein)
+    assert blk[4096] <= 2.5 * blk[2048], blk  # ~linear: doubling T at most ~doubles it
