@@ -314,6 +314,11 @@ def plot(results, path_prefix):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    def t_axis(ax, ts):
+        ax.set_xticks(ts, [str(t) for t in ts])
+        ax.xaxis.set_minor_formatter(NullFormatter())
 
     if "sweep" in results:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -327,6 +332,7 @@ def plot(results, path_prefix):
                             label=f"{impl}{' causal' if causal else ''}")
         ax.set(xscale="log", yscale="log", xlabel="T = S", ylabel="fwd+bwd ms (median)",
                title="attention core, B=1 N=8 H=64 f32")
+        t_axis(ax, sorted({r["T"] for r in results["sweep"]["runs"]}))
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(f"{path_prefix}_time_vs_T.png", dpi=120)
@@ -338,6 +344,7 @@ def plot(results, path_prefix):
                     label=impl)
         ax.set(xscale="log", yscale="log", xlabel="T = S", ylabel="temp MiB",
                title="jit(grad) temporary memory, B=1 N=8 H=64 f32 causal")
+        t_axis(ax, [r["T"] for r in rows])
         ax.legend()
         fig.tight_layout()
         fig.savefig(f"{path_prefix}_memory_vs_T.png", dpi=120)
@@ -376,6 +383,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--sweep-reps", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="3 repetitions, T <= 2048")
+    p.add_argument("--replot", action="store_true", help="only redraw the plots from --out.json")
     p.add_argument("--out", type=Path, default=RESULTS / f"bench_attention_{jax.default_backend()}")
     args = p.parse_args(argv)
     args.crossover_T = [128, 256, 384, 512, 768, 1024]
@@ -386,6 +394,10 @@ def main(argv=None):
         args.reps, args.sweep_reps = 3, 2
         args.sweep_T = [t for t in args.sweep_T if t <= 2048]
         args.crossover_T = [128, 256, 512, 1024]
+
+    if args.replot:
+        plot(json.loads(Path(f"{args.out}.json").read_text()), str(args.out))
+        return
 
     import torch
 

@@ -274,10 +274,54 @@ def test_remat_same_values_and_gradients(small_blocks, impl):
         np.testing.assert_allclose(a, b, **F32_GRAD_TOL)
 
 
+@pytest.mark.parametrize(
+    ("length", "block", "want"),
+    [(1, 512, 1), (100, 512, 100), (512, 512, 512), (384, 256, 192), (513, 256, 176)],
+)
+def test_default_blocks_are_balanced(length, block, want):
+    """A ragged length is split into equal blocks (multiple of 8), not padded to the block."""
+    got = blockwise._balanced(length, block)
+    assert got == want
+    assert -(-length // got) == -(-length // block)  # as few blocks as the platform size
+
+
+def test_single_query_row_default_blocks():
+    """Decoding shape (T = 1) with the platform's default blocks."""
+    N, K = HEADS["gqa"]
+    q, k, v = _inputs(N, K, 1, S, seed=10)
+    _check(blockwise.blockwise_core, q, k, v, _mask("keypad", N, 1, S), is_causal=False)
+
+
 def test_bad_block_size_raises():
     q, k, v = _inputs(4, 2)
     with pytest.raises(ValueError, match="block_q=0"):
         blockwise.blockwise_attention(q, k, v, block_q=0)
+
+
+@pytest.mark.parametrize("kv_sharded", [True, False], ids=["gqa-kv-sharded", "mqa-kv-replicated"])
+def test_blockwise_inside_shard_map(kv_sharded):
+    """Head-parallel use: heads split over 2 devices, K/V sharded (GQA) or replicated
+    (MQA), a shared bias; values and all gradients equal the single-device reference."""
+    from jax.sharding import PartitionSpec as P
+
+    if len(jax.devices()) < 2:
+        pytest.skip("needs 2 devices (tests/conftest.py sets 8 fake CPU devices)")
+    mesh = jax.make_mesh((2,), ("model",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:2])
+    N, K = (4, 2) if kv_sharded else (4, 1)
+    q, k, v = _inputs(N, K, seed=11)
+    mask = _mask("keypad", N)
+    bias = jnp.asarray(np.random.default_rng(12).standard_normal((1, 1, T, S)), jnp.float32)
+    heads, kv_spec = P(None, None, "model"), P(None, None, "model") if kv_sharded else P()
+
+    def sharded(q, k, v, mask=None, bias=None, *, is_causal=False, scale=None):
+        def local(q, k, v, mask, bias):
+            return _blockwise_4x4(q, k, v, mask, bias, is_causal=is_causal, scale=scale)
+
+        return jax.shard_map(local, mesh=mesh, in_specs=(heads, kv_spec, kv_spec, P(), P()),
+                             out_specs=heads)(q, k, v, mask, bias)
+
+    _check(sharded, q, k, v, mask, bias, is_causal=True)
 
 
 # ---------------------------------------------------------------------------

@@ -40,17 +40,15 @@ from attention_jax import ops
 
 Array = jax.Array
 
-# Fixed ``(block_q, block_kv)`` per platform; a platform without an entry (CPU)
-# sizes its blocks from the score tile (see :func:`default_block_sizes`).
+# ``(block_q, block_kv)`` per platform; see :func:`default_block_sizes` for the
+# measurements. Other platforms use the "gpu" entry.
 _BLOCKS: dict[str, tuple[int, int]] = {
+    "cpu": (256, 512),
     # Not measured on a GPU (no device was lent to the session that wrote this):
     # 512 keeps the number of sequential loop steps low, which is what XLA's
     # while loops on GPU are sensitive to. "auto" prefers cuDNN there anyway.
     "gpu": (512, 512),
 }
-# CPU: the score tile [B, N, block, block] f32 should fit the 2 x 1 MiB of L2.
-_CPU_TILE_BYTES = 2 << 20
-_CPU_BLOCK_RANGE = (64, 512)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,31 +80,45 @@ class _Config:
         return self.nk * self.block_kv != self.S
 
 
-def default_block_sizes(
-    T: int, S: int, batch_heads: int = 32, platform: str | None = None
-) -> tuple[int, int]:
-    """``(block_q, block_kv)`` for ``batch_heads = B * N`` query rows on ``platform``.
+def default_block_sizes(T: int, S: int, platform: str | None = None) -> tuple[int, int]:
+    """``(block_q, block_kv)`` for ``platform`` (default: JAX's default backend).
 
-    Each block size is capped at its sequence length, so short sequences (and
-    decoding, T = 1) get one unpadded block.
+    A length that is not a multiple of the platform block is split into equal
+    blocks (rounded up to 8) instead, so the padding stays small: T = 384 on CPU
+    gives two blocks of 192, not 256 + 256 with 128 padded rows. Short sequences
+    (and decoding, T = 1) get one unpadded block.
 
-    CPU: the largest power of two ``b`` in [64, 512] whose f32 score tile
-    ``B * N * b * b * 4`` bytes fits 2 MiB (the L2 of the 2-core machine). Measured
-    (jit, f32, H=64, interleaved, best of 5-15 on shared cores): at B*N = 32, T=1024
-    blocks of 128 and 256 were even and 512 was 1.6-2x slower (forward + backward);
-    at B*N = 8, T=4096, 256 was 1.3x faster than 128 in the forward (loop overhead)
-    and 512 again slower. The rule gives 128 and 256 for those two.
+    CPU: 256 x 512. Measured on the 2-core development machine (jit, f32, H=64,
+    interleaved, 3-7 rounds at load average ~2; forward + backward ms):
+
+    ==============  =======  =======  =======  ========  ========
+    B*N, T = S      128^2    256^2    512^2    256x512   1024^2
+    ==============  =======  =======  =======  ========  ========
+    32, 1024        363      360      303-324  270-278   396
+    32, 2048        .        .        1113     993       .
+    8, 4096         1381     1243     972-993  905       1033
+    128, 1024       1811     1580     1378     .         .
+    ==============  =======  =======  =======  ========  ========
+
+    Forward alone: 256x512 and 512^2 even (94 ms at 32, 1024), both ahead of
+    smaller blocks (loop overhead and small matmuls). Under heavy contention from
+    other processes the ranking moved towards 128-256 (smaller tiles suffer less
+    from shared caches); the table is the quieter measurement.
     GPU: 512 x 512 (not measured).
     """
     platform = platform or jax.default_backend()
-    if platform in _BLOCKS:
-        bq, bk = _BLOCKS[platform]
-    else:
-        lo, hi = _CPU_BLOCK_RANGE
-        b = math.isqrt(max(_CPU_TILE_BYTES // (4 * max(batch_heads, 1)), 1))
-        b = 1 << (b.bit_length() - 1)  # power of two <= b
-        bq = bk = min(max(b, lo), hi)
-    return min(bq, T), min(bk, S)
+    bq, bk = _BLOCKS.get(platform, _BLOCKS["gpu"])
+    return _balanced(T, bq), _balanced(S, bk)
+
+
+def _balanced(length: int, block: int) -> int:
+    """The smallest multiple of 8 (or ``length`` itself) that covers ``length`` in as
+    few blocks as ``block`` does."""
+    if length <= block:
+        return max(length, 1)
+    n = -(-length // block)
+    per_block = -(-length // n)
+    return min(block, -(-per_block // 8) * 8)
 
 
 # ---------------------------------------------------------------------------
@@ -271,6 +283,24 @@ def _q_range(j, cfg: _Config):
     return lo, full
 
 
+def _varying_axes(x: Array) -> frozenset:
+    """Manual mesh axes ``x`` varies over inside ``jax.shard_map`` (empty outside)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)  # jax 0.10
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()))  # earlier jax
+
+
+def _varying_like(x: Array, *refs: Array | None) -> Array:
+    """Marks a fresh loop carry (zeros, -inf) as varying over the manual mesh axes
+    that ``refs`` vary over, so the loops type-check inside ``jax.shard_map``
+    (with ``check_vma``); a no-op outside shard_map."""
+    axes = frozenset().union(*(_varying_axes(r) for r in refs if r is not None))
+    missing = tuple(sorted(axes - _varying_axes(x)))
+    return lax.pcast(x, missing, to="varying") if missing else x
+
+
 # ---------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------
@@ -304,11 +334,11 @@ def _forward(qb, kb, vb, mask_g, bias_g, cfg: _Config):
             )
             return m_new, l, acc * corr[..., None] + pv
 
-        carry = (
+        carry = tuple(_varying_like(c, qi, kb, vb, mask_g, bias_g) for c in (
             jnp.full((B, K, M), -jnp.inf, jnp.float32),
             jnp.zeros((B, K, M), jnp.float32),
             jnp.zeros((B, K, M, V), jnp.float32),
-        )
+        ))
         full, hi = _kv_range(i, cfg)
         carry = lax.fori_loop(0, full, functools.partial(kv_step, causal=False), carry)
         if cfg.is_causal:
@@ -381,9 +411,10 @@ def _backward(qb, kb, vb, mask_g, bias_g, out, lse, dob, cfg: _Config):
             return dk, dv, dq, dbias
 
         dq, dbias = carry
+        refs = (qb, kj, vj, dob, mask_g, bias_g)
         inner = (
-            jnp.zeros((B, K, bk, kj.shape[-1]), jnp.float32),
-            jnp.zeros((B, K, bk, vj.shape[-1]), jnp.float32),
+            _varying_like(jnp.zeros((B, K, bk, kj.shape[-1]), jnp.float32), *refs),
+            _varying_like(jnp.zeros((B, K, bk, vj.shape[-1]), jnp.float32), *refs),
             dq,
             dbias,
         )
@@ -396,10 +427,11 @@ def _backward(qb, kb, vb, mask_g, bias_g, out, lse, dob, cfg: _Config):
         dk, dv, dq, dbias = inner
         return (dq, dbias), (dk, dv)
 
-    dbias0 = None if bias_g is None else jnp.zeros(bias_g.shape, jnp.float32)
-    (dq, dbias), (dk, dv) = lax.scan(
-        kv_block, (jnp.zeros(qb.shape, jnp.float32), dbias0), (jnp.arange(cfg.nk), kb, vb)
-    )
+    refs = (qb, kb, vb, dob, mask_g, bias_g)
+    dq0 = _varying_like(jnp.zeros(qb.shape, jnp.float32), *refs)
+    dbias0 = None if bias_g is None else _varying_like(jnp.zeros(bias_g.shape, jnp.float32),
+                                                       *refs)
+    (dq, dbias), (dk, dv) = lax.scan(kv_block, (dq0, dbias0), (jnp.arange(cfg.nk), kb, vb))
     return dq, dk, dv, dbias
 
 
@@ -443,7 +475,16 @@ def _attention_bwd(cfg: _Config, res, dy):
     dv = _unblock_kv(dv, cfg).astype(v.dtype)
     if bias is not None:
         dbias = _ungroup_tile(dbias, bias.shape, cfg).astype(bias.dtype)
-    return dq, dk, dv, None, dbias
+    return (_sum_to(dq, q), _sum_to(dk, k), _sum_to(dv, v), None,
+            None if bias is None else _sum_to(dbias, bias))
+
+
+def _sum_to(ct: Array, primal: Array) -> Array:
+    """Inside ``jax.shard_map``: the cotangent of an input that is the same on every
+    device (e.g. a bias shared by head shards) is the sum of the per-device
+    cotangents (what autodiff does for the implicit broadcast). No-op elsewhere."""
+    extra = tuple(sorted(_varying_axes(ct) - _varying_axes(primal)))
+    return lax.psum(ct, extra) if extra else ct
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -489,7 +530,7 @@ def blockwise_attention(
     """
     B, T, S, N, K, H, V = ops.check_qkv(q, k, v)
     # Resolved outside the jit below, so that the jit cache keys on the sizes used.
-    dbq, dbk = default_block_sizes(T, S, B * N)
+    dbq, dbk = default_block_sizes(T, S)
     block_q = dbq if block_q is None else int(block_q)
     block_kv = dbk if block_kv is None else int(block_kv)
     if block_q < 1 or block_kv < 1:
