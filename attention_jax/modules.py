@@ -219,6 +219,32 @@ class MultiHeadAttention(nnx.Module):
                 f"{name} has {x.shape[-1]} features but the module expects {expected}"
             )
 
+    def resolve_inputs(
+        self, inputs_q: Array, inputs_k: Array | None = None, inputs_v: Array | None = None
+    ) -> tuple[Array, Array, Array]:
+        """Applies the input defaults (k = q, v = k) and checks widths and batch.
+
+        Shared by every path that calls this module's math (single device, head parallel).
+
+        Raises:
+          ValueError: naming the width or shape that does not match the module.
+        """
+        inputs_k = inputs_q if inputs_k is None else inputs_k
+        inputs_v = inputs_k if inputs_v is None else inputs_v
+        self._check_width("inputs_q", inputs_q, self.in_features)
+        self._check_width("inputs_k", inputs_k, self.in_k_features)
+        self._check_width("inputs_v", inputs_v, self.in_v_features)
+        if inputs_k.shape[:2] != inputs_v.shape[:2]:
+            raise ValueError(
+                f"inputs_k {inputs_k.shape} and inputs_v {inputs_v.shape} must share "
+                "[batch, length]"
+            )
+        if inputs_q.shape[0] != inputs_k.shape[0]:
+            raise ValueError(
+                f"inputs_q has batch {inputs_q.shape[0]} but inputs_k has {inputs_k.shape[0]}"
+            )
+        return inputs_q, inputs_k, inputs_v
+
     def set_view(self, deterministic: bool | None = None):
         """Used by ``nnx.view`` / ``module.eval()`` / ``module.train()``."""
         if deterministic is not None:
@@ -265,16 +291,7 @@ class MultiHeadAttention(nnx.Module):
         Returns:
           ``[B, T, Do]``, and the weights when ``return_weights``.
         """
-        inputs_k = inputs_q if inputs_k is None else inputs_k
-        inputs_v = inputs_k if inputs_v is None else inputs_v
-        self._check_width("inputs_q", inputs_q, self.in_features)
-        self._check_width("inputs_k", inputs_k, self.in_k_features)
-        self._check_width("inputs_v", inputs_v, self.in_v_features)
-        if inputs_k.shape[:2] != inputs_v.shape[:2]:
-            raise ValueError(
-                f"inputs_k {inputs_k.shape} and inputs_v {inputs_v.shape} must share "
-                "[batch, length]"
-            )
+        inputs_q, inputs_k, inputs_v = self.resolve_inputs(inputs_q, inputs_k, inputs_v)
         params = self._params()
         dropout_rng = self._dropout_rng(deterministic)
         y, weights = attention_forward(

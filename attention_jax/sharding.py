@@ -491,22 +491,10 @@ class HeadParallelAttention(nnx.Module):
           sharded ``P('data', 'model')`` when ``return_weights``.
         """
         module = self.module
-        xs = tuple(x for x in (inputs_q, inputs_k, inputs_v) if x is not None)
-        if inputs_k is None and inputs_v is not None:
-            raise ValueError("inputs_v given without inputs_k")
-        full = (xs * 3)[:3] if len(xs) == 1 else (xs[0], xs[1], xs[-1])
-        widths = (module.in_features, module.in_k_features, module.in_v_features)
-        for name, x, width in zip(("inputs_q", "inputs_k", "inputs_v"), full, widths,
-                                  strict=True):
-            if x.ndim != 3 or x.shape[-1] != width:
-                raise ValueError(f"{name} must be [batch, length, {width}]; got {x.shape}")
-        B, T = inputs_q.shape[:2]
-        S = full[1].shape[1]
-        if full[1].shape[:2] != full[2].shape[:2] or full[1].shape[0] != B:
-            raise ValueError(
-                f"batch/length mismatch: inputs_q {inputs_q.shape}, inputs_k "
-                f"{full[1].shape}, inputs_v {full[2].shape}"
-            )
+        xq, xk, xv = module.resolve_inputs(inputs_q, inputs_k, inputs_v)
+        # distinct operands only: self-attention passes x once (marked varying once)
+        xs = (xq,) if xk is xq and xv is xq else (xq, xk) if xv is xk else (xq, xk, xv)
+        B, T, S = xq.shape[0], xq.shape[1], xk.shape[1]
         data = _axis_size(self.mesh, DATA)
         if B % data:
             raise ValueError(f"batch size {B} is not divisible by the data axis size {data}")

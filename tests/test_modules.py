@@ -118,6 +118,8 @@ def test_call_errors_name_the_numbers():
         m(x)
     with pytest.raises(ValueError, match=r"inputs_q must be \[batch, length, features\]"):
         m(jnp.zeros((5, 16)), jnp.zeros((2, 5, 12)))
+    with pytest.raises(ValueError, match="inputs_q has batch 2 but inputs_k has 3"):
+        m(x, jnp.zeros((3, 5, 12)))
     with pytest.raises(ValueError, match=r"must share \[batch, length\]"):
         m(x, jnp.zeros((2, 5, 12)), jnp.zeros((2, 6, 12)))
     with pytest.raises(ValueError, match=r"mask of shape \(2, 3, 5, 5\) does not broadcast"):

@@ -422,8 +422,11 @@ def test_call_errors_name_the_numbers():
     hp = sh.head_parallel(case.module(), sh.make_mesh(2, 4))
     with pytest.raises(ValueError, match=r"batch size 3 is not divisible by the data axis size 2"):
         hp(jnp.ones((3, T, D)))
-    with pytest.raises(ValueError, match=r"inputs_q must be \[batch, length, 32\]"):
+    # the module's own input checks, shared by the sharded path
+    with pytest.raises(ValueError, match=r"inputs_q has 33 features but the module expects 32"):
         hp(jnp.ones((B, T, D + 1)))
+    with pytest.raises(ValueError, match=r"inputs_q has batch 8 but inputs_k has 4"):
+        hp(jnp.ones((B, T, D)), jnp.ones((4, T, D)))
     with pytest.raises(ValueError, match=r"mask of shape \(3, 4, 4\) does not broadcast"):
         hp(jnp.ones((B, T, D)), mask=jnp.ones((3, T, T), bool))
     with pytest.raises(ValueError, match=r"backend='pmap' maps over the model axis only; "
