@@ -312,6 +312,19 @@ def decode_mask(lengths: Array, t: int, max_length: int,
     )
 
 
+def select_kv_heads(cache: KVCache, first: Array | int, count: int) -> KVCache:
+    """The cache's kv heads ``first .. first + count - 1`` (``first`` may be traced).
+
+    A head-parallel device whose query heads share fewer kv heads than a
+    replicated cache holds reads only its own (see :mod:`attention_jax.sharding`).
+    """
+    def take(x: Array | None) -> Array | None:
+        return None if x is None else jax.lax.dynamic_slice_in_dim(x, first, count, axis=2)
+
+    return cache.replace(k=take(cache.k), v=take(cache.v), k_scale=take(cache.k_scale),
+                         v_scale=take(cache.v_scale))
+
+
 def cached_attention(
     q: Array,
     k_new: Array,
@@ -322,6 +335,7 @@ def cached_attention(
     mask: Array | None = None,
     scale: float | None = None,
     implementation: str | None = None,
+    kv_heads: tuple[Array | int, int] | None = None,
 ) -> tuple[Array, KVCache]:
     """One decoding step on projected heads: store, then attend to the cache.
 
@@ -337,6 +351,8 @@ def cached_attention(
         (e.g. :func:`attention_jax.masks.sliding_window_mask` with
         ``offset=cache.lengths``), True = attend.
       scale, implementation: as in :func:`attention_jax.ops.dot_product_attention`.
+      kv_heads: ``(first, count)``: store all K new heads but attend with only
+        these kv heads of the cache (:func:`select_kv_heads`); default all K.
 
     Returns:
       ``(out [B, t, N, V] in q's dtype, updated cache)``.
@@ -346,7 +362,8 @@ def cached_attention(
     full_mask = masks.combine_masks(
         decode_mask(cache.lengths, t, cache.max_length, valid_lengths), mask
     )
-    k, v = read(new_cache, q.dtype)  # [B, L, K, H], [B, L, K, V]
+    visible = new_cache if kv_heads is None else select_kv_heads(new_cache, *kv_heads)
+    k, v = read(visible, q.dtype)  # [B, L, K, H], [B, L, K, V]
     out = ops.dot_product_attention(
         q, k, v, full_mask, scale=scale, implementation=implementation
     )

@@ -245,6 +245,27 @@ class MultiHeadAttention(nnx.Module):
             )
         return inputs_q, inputs_k, inputs_v
 
+    def check_decode_inputs(self, x: Array, cache: kv_cache.KVCache) -> None:
+        """Checks ``x [B, t, D]`` and ``cache`` against this module (every decode path).
+
+        Raises:
+          ValueError: naming the width, batch or cache shape that does not match.
+        """
+        self._check_width("x", x, self.in_features)
+        if self.in_k_features != self.in_features or self.in_v_features != self.in_features:
+            raise ValueError(
+                "decode is self-attention: it needs in_k_features == in_v_features == "
+                f"in_features; got {self.in_k_features}, {self.in_v_features}, {self.in_features}"
+            )
+        K, H, V = self.num_kv_heads, self.head_dim, self.v_head_dim
+        if cache.k.shape[2:] != (K, H) or cache.v.shape[2:] != (K, V):
+            raise ValueError(
+                f"cache k {cache.k.shape} / v {cache.v.shape} do not fit the module: expected "
+                f"[B, L, K={K}, H={H}] / [B, L, K={K}, V={V}] (use module.init_cache)"
+            )
+        if x.shape[0] != cache.batch_size:
+            raise ValueError(f"x has batch {x.shape[0]} but the cache has {cache.batch_size}")
+
     def set_view(self, deterministic: bool | None = None):
         """Used by ``nnx.view`` / ``module.eval()`` / ``module.train()``."""
         if deterministic is not None:
@@ -352,12 +373,7 @@ class MultiHeadAttention(nnx.Module):
         Raises:
           ValueError: when eager and a row would pass the cache's ``max_length``.
         """
-        self._check_width("x", x, self.in_features)
-        if self.in_k_features != self.in_features or self.in_v_features != self.in_features:
-            raise ValueError(
-                "decode is self-attention: it needs in_k_features == in_v_features == "
-                f"in_features; got {self.in_k_features}, {self.in_v_features}, {self.in_features}"
-            )
+        self.check_decode_inputs(x, cache)
         params = self._params()
         y, cache = decode_forward(
             params, x, cache, mask=mask, valid_lengths=valid_lengths, scale=self.scale,
@@ -457,6 +473,7 @@ def decode_forward(
     rope: float | None = None,
     implementation: str | None = None,
     dtype: Any = None,
+    kv_heads: tuple[Array | int, int] | None = None,
 ) -> tuple[Array, kv_cache.KVCache]:
     """:meth:`MultiHeadAttention.decode` on plain arrays, without the output bias.
 
@@ -468,6 +485,9 @@ def decode_forward(
       x: ``[B, t, D]`` new tokens; they sit at positions ``cache.lengths + arange(t)``.
       cache: the :class:`~attention_jax.cache.KVCache` before the step.
       mask, valid_lengths: see :meth:`MultiHeadAttention.decode`.
+      kv_heads: ``(first, count)`` of the kv heads the queries attend to; the
+        projections and the cache update cover all kv heads of ``params``
+        (see :func:`attention_jax.cache.cached_attention`). Default all.
 
     Returns:
       ``(y [B, t, Do], updated cache)``.
@@ -478,7 +498,7 @@ def decode_forward(
                            kv_positions=pos)
     out, cache = kv_cache.cached_attention(
         q, k, v, cache, valid_lengths=valid_lengths, mask=mask, scale=scale,
-        implementation=implementation,
+        implementation=implementation, kv_heads=kv_heads,
     )  # [B, t, N, V]
     return ops.merge_heads(out, p["o_kernel"]), cache  # [B, t, Do]
 

@@ -57,7 +57,9 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from attention_jax import cache as kv_cache
 from attention_jax import modules
+from attention_jax.cache import KVCache
 from attention_jax.modules import EMBED, HEAD_DIM, HEADS, KV_HEADS, PARAM_AXES
 
 Array = jax.Array
@@ -445,6 +447,128 @@ _BACKENDS = {"shard_map": _shard_map_run, "pmap": _pmap_run}
 
 
 # ---------------------------------------------------------------------------
+# Decoding: the KV cache in the head-parallel layout
+# ---------------------------------------------------------------------------
+
+
+def _cache_specs(layout: KVLayout, quantized: bool) -> KVCache:
+    kv = MODEL if layout is KVLayout.SPLIT else None
+    heads = P(DATA, None, kv, None)
+    scales = P(DATA, None, kv) if quantized else None
+    return KVCache(k=heads, v=heads, lengths=P(DATA), k_scale=scales, v_scale=scales)
+
+
+def cache_specs(module: modules.MultiHeadAttention, mesh: Mesh, *,
+                quantized: bool = False) -> KVCache:
+    """``PartitionSpec`` of each field of ``module``'s :class:`KVCache` on ``mesh``.
+
+    Rows over ``data``; kv heads over ``model`` when they are split (K % model
+    == 0), replicated when K < model (every device then stores all K heads,
+    identical copies, and attends with its group's one).
+
+    Returns:
+      A :class:`KVCache` whose fields are specs (scales None unless ``quantized``).
+
+    >>> from attention_jax import MultiHeadAttention
+    >>> from flax import nnx
+    >>> mesh = make_mesh(data=2, model=4, devices=jax.devices()[:8])
+    >>> cache_specs(MultiHeadAttention(16, 8, num_kv_heads=2, rngs=nnx.Rngs(0)), mesh).k
+    PartitionSpec('data', None, None, None)
+    """
+    return _cache_specs(_module_layout(module, mesh), quantized)
+
+
+def shard_cache(cache: KVCache, module: modules.MultiHeadAttention, mesh: Mesh) -> KVCache:
+    """Places ``cache`` (e.g. one filled on a single device) in the head-parallel layout.
+
+    Raises:
+      ValueError: when the batch does not divide over ``data`` or the cache's
+        heads do not fit the module.
+    """
+    _check_cache_batch(cache.batch_size, mesh)
+    if cache.num_kv_heads != module.num_kv_heads:
+        raise ValueError(
+            f"the cache holds {cache.num_kv_heads} kv heads but the module has "
+            f"K={module.num_kv_heads}"
+        )
+    specs = cache_specs(module, mesh, quantized=cache.quantized)
+    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), cache, specs)
+
+
+def _check_cache_batch(batch: int, mesh: Mesh) -> None:
+    data = _axis_size(mesh, DATA)
+    if batch % data:
+        raise ValueError(f"batch size {batch} is not divisible by the data axis size {data}")
+
+
+def _local_decode(
+    params: dict[str, Array | None],
+    x: Array,
+    cache: KVCache,
+    mask: Array | None,
+    valid_lengths: Array | None,
+    *,
+    layout: KVLayout,
+    num_kv_heads: int,
+    model_size: int,
+    decode_kwargs: dict[str, Any],
+) -> tuple[Array, KVCache]:
+    """One device's decode step: :func:`modules.decode_forward` on local slices, one psum.
+
+    Args:
+      params: local slices as in :func:`_local_forward` (kv params whole when
+        ``layout`` is REPLICATED).
+      x: ``[B/data, t, D]``.
+      cache: ``k [B/data, L, K/model | K, H]`` ..., ``lengths [B/data]``.
+      mask: ``[B/data | 1, N/model | 1, t | 1, L | 1]`` or None.
+      valid_lengths: ``[B/data]`` or None.
+
+    Returns:
+      ``(y [B/data, t, Do] summed over model, the local cache after the step)``.
+    """
+    kv_heads = None
+    if layout is KVLayout.REPLICATED:
+        # Store all K heads (identical replicas everywhere), attend with this
+        # device's group: its query heads all share kv head shard * K // model.
+        kv_heads = (jax.lax.axis_index(MODEL) * num_kv_heads // model_size, 1)
+    y, cache = modules.decode_forward(
+        params, x, cache, mask=mask, valid_lengths=valid_lengths, kv_heads=kv_heads,
+        **decode_kwargs,
+    )
+    y = jax.lax.psum(y, MODEL)  # [B/data, t, Do]: the only communication
+    if params["o_bias"] is not None:
+        y = y + params["o_bias"].astype(y.dtype)
+    return y, cache
+
+
+@functools.partial(jax.jit, static_argnames="plan")
+def _shard_map_decode(params, x, cache, mask, valid_lengths, *, plan: _Plan):
+    """``jax.shard_map`` of :func:`_local_decode` over the plan's mesh."""
+    mesh = plan.mesh
+    p_specs = {n: None if p is None else dict(plan.specs)[n] for n, p in params.items()}
+    x_spec = P(DATA, None, None)
+    c_specs = _cache_specs(plan.layout, cache.quantized)
+    m_spec = None if mask is None else mask_spec(mask.shape, plan.num_heads)
+    l_spec = None if valid_lengths is None else P(DATA)
+    body = functools.partial(
+        _local_decode, layout=plan.layout, num_kv_heads=plan.num_kv_heads,
+        model_size=plan.model_size, decode_kwargs=dict(plan.forward_kwargs),
+    )
+    params = {n: None if p is None else _explicit_reshard(p, mesh, p_specs[n])
+              for n, p in params.items()}
+    x = _explicit_reshard(x, mesh, x_spec)
+    cache = jax.tree.map(lambda a, s: _explicit_reshard(a, mesh, s), cache, c_specs)
+    mask = None if mask is None else _explicit_reshard(mask, mesh, m_spec)
+    if valid_lengths is not None:
+        valid_lengths = _explicit_reshard(jnp.asarray(valid_lengths, jnp.int32), mesh, l_spec)
+    return jax.shard_map(
+        body, mesh=mesh,
+        in_specs=(p_specs, x_spec, c_specs, m_spec, l_spec),
+        out_specs=(x_spec, c_specs),
+    )(params, x, cache, mask, valid_lengths)
+
+
+# ---------------------------------------------------------------------------
 # The module
 # ---------------------------------------------------------------------------
 
@@ -517,6 +641,67 @@ class HeadParallelAttention(nnx.Module):
         )
         y, w = _BACKENDS[self.backend](params, xs, mask, rng, plan=plan)
         return (y, w) if return_weights else y
+
+
+    # -- decoding ----------------------------------------------------------
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
+        """An empty cache created directly in the head-parallel layout (:func:`cache_specs`).
+
+        As :meth:`MultiHeadAttention.init_cache`; ``batch_size`` must divide over ``data``.
+        """
+        _check_cache_batch(batch_size, self.mesh)
+        module = self.module
+        abstract = jax.eval_shape(lambda: module.init_cache(batch_size, max_length, dtype))
+        specs = cache_specs(module, self.mesh, quantized=abstract.quantized)
+        shardings = jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs)
+        make = jax.jit(lambda: module.init_cache(batch_size, max_length, dtype),
+                       out_shardings=shardings)
+        return make()
+
+    def decode(
+        self,
+        x: Array,
+        cache: KVCache,
+        *,
+        mask: Array | None = None,
+        valid_lengths: Array | None = None,
+    ) -> tuple[Array, KVCache]:
+        """As :meth:`MultiHeadAttention.decode`, each device with its heads' slice of the cache.
+
+        Always runs through ``jax.shard_map`` (also for a ``backend="pmap"``
+        module): one psum over ``model`` per step, nothing else communicated.
+        The cache stays in (or is moved to) the layout of :func:`cache_specs`.
+
+        Args:
+          x: ``[B, t, D]``, B divisible by ``data``.
+          cache: from :meth:`init_cache` (or :func:`shard_cache`) or a previous step.
+          mask, valid_lengths: see :meth:`MultiHeadAttention.decode`.
+
+        Returns:
+          ``(y [B, t, Do] sharded P('data'), updated cache)``.
+
+        Raises:
+          ValueError: as the module's decode, when eager and a row would pass
+            ``max_length``, and when B does not divide over ``data``.
+        """
+        module = self.module
+        module.check_decode_inputs(x, cache)
+        _check_cache_batch(x.shape[0], self.mesh)
+        B, t = x.shape[:2]
+        valid = kv_cache._valid_lengths(valid_lengths, B, t)
+        kv_cache.check_capacity(cache, valid)
+        if mask is not None:
+            mask = _mask_4d(mask, (B, module.num_heads, t, cache.max_length))
+        kwargs = dict(scale=module.scale, rope=module.rope,
+                      implementation=module.implementation, dtype=module.dtype)
+        plan = _Plan(
+            backend="shard_map", mesh=self.mesh, layout=self.layout,
+            num_heads=module.num_heads, num_kv_heads=module.num_kv_heads,
+            specs=tuple(param_specs(module, self.mesh).items()),
+            forward_kwargs=tuple(sorted(kwargs.items())),
+        )
+        return _shard_map_decode(module._params(), x, cache, mask, valid_lengths, plan=plan)
 
 
 def _mask_4d(mask: Array, shape: tuple[int, int, int, int]) -> Array:
