@@ -471,9 +471,11 @@ def cache_specs(module: modules.MultiHeadAttention, mesh: Mesh, *,
 
     >>> from attention_jax import MultiHeadAttention
     >>> from flax import nnx
-    >>> mesh = make_mesh(data=2, model=4, devices=jax.devices()[:8])
-    >>> cache_specs(MultiHeadAttention(16, 8, num_kv_heads=2, rngs=nnx.Rngs(0)), mesh).k
-    PartitionSpec('data', None, None, None)
+    >>> mesh = jax.sharding.AbstractMesh((2, 4), MESH_AXES)  # or make_mesh(2, 4)
+    >>> gqa = MultiHeadAttention(16, 8, num_kv_heads=2, rngs=nnx.Rngs(0))
+    >>> specs = cache_specs(gqa, mesh)
+    >>> tuple(specs.k), tuple(specs.lengths)
+    (('data', None, None, None), ('data',))
     """
     return _cache_specs(_module_layout(module, mesh), quantized)
 

@@ -226,8 +226,13 @@ def test_int8_bytes_per_token_half_of_bf16():
 
 def test_decode_shape_errors():
     m = _module("gqa", None)
-    with pytest.raises(ValueError, match=r"do not fit the cache"):
+    with pytest.raises(ValueError, match=r"do not fit the module: expected \[B, L, K=2, H=4\]"):
         m.decode(jnp.ones((B, 1, D)), kv.init_cache(B, L, num_kv_heads=4, head_dim=4))
+    with pytest.raises(ValueError, match="x has batch 2 but the cache has 3"):
+        m.decode(jnp.ones((2, 1, D)), m.init_cache(B, L))
+    with pytest.raises(ValueError, match=r"do not fit the cache"):
+        kv.update(kv.init_cache(B, L, num_kv_heads=2, head_dim=4),
+                  jnp.ones((B, 1, 4, 4)), jnp.ones((B, 1, 4, 4)))
     with pytest.raises(ValueError, match=r"valid_lengths must be \[batch\] = \[3\]"):
         m.decode(jnp.ones((B, 2, D)), m.init_cache(B, L), valid_lengths=jnp.array([1, 2]))
     cross = aj.MultiHeadAttention(D, 4, in_k_features=8, rngs=nnx.Rngs(0))
