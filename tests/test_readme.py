@@ -1,4 +1,8 @@
-"""The README's Python snippets run as written."""
+"""The README's Python snippets run as written, in order, as a reader would paste them.
+
+Snippet i runs after snippets 0 .. i-1 in one namespace (a later snippet may use
+``x`` or ``model`` from an earlier one).
+"""
 
 import pathlib
 import re
@@ -15,7 +19,9 @@ def _snippets():
 
 @pytest.mark.parametrize("index", range(len(_snippets())))
 def test_readme_snippet_runs(index):
-    code = _snippets()[index]
-    if "import torch" in code:
+    snippets = _snippets()[: index + 1]
+    if any("import torch" in code for code in snippets):
         pytest.importorskip("torch")
-    exec(compile(code, f"README.md snippet {index}", "exec"), {})
+    namespace: dict = {}
+    for i, code in enumerate(snippets):
+        exec(compile(code, f"README.md snippet {i}", "exec"), namespace)
