@@ -1,19 +1,23 @@
 """The main job: MHA, GQA and MQA side by side on the default devices.
 
 For each variant it builds the module, runs jit-compiled forward and
-forward+backward passes, checks the forward against PyTorch (when torch is
-installed), runs the same module head-parallel on the default mesh (all
-devices on the ``model`` axis) and prints one table row: heads, parameters,
-KV-cache bytes per token, error against the reference, sharded-vs-unsharded
-error, the collectives of the sharded forward and backward, and timings.
+forward+backward passes, times one jit-compiled single-token decode step on a
+KV cache holding the ``seq_len``-token prompt, checks the forward against
+PyTorch (when torch is installed), runs the same module head-parallel on the
+default mesh (all devices on the ``model`` axis) and prints one table row:
+heads, parameters, KV-cache bytes per token, error against the reference,
+sharded-vs-unsharded error, the collectives of the sharded forward and
+backward, and timings. ``attention-jax demo --help`` lists its options.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,12 +25,26 @@ import numpy as np
 from flax import nnx
 
 from attention_jax import sharding
+from attention_jax.cli import format_value, print_table, progress_bar
 from attention_jax.modules import MultiHeadAttention
+
+NOTES = (
+    "kv_bytes_per_token: K * (H + V) * itemsize, one layer; decode_step_ms: one jit-compiled "
+    "token of module.decode after a seq_len-token prefill (cache donated); sharded_err: "
+    "head-parallel forward vs one device; collectives: non-trivial ops in the compiled sharded "
+    "forward / forward+backward (op@mesh axes:count); times are medians."
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
-    """Shapes of the demo: ``[batch, seq_len, embed]`` inputs, ``num_heads`` query heads."""
+    """Shapes of the demo: ``[batch, seq_len, embed]`` inputs, ``num_heads`` query heads.
+
+    Attributes:
+      dtype: parameters, inputs and KV cache (``"float32"`` or ``"bfloat16"``).
+      repeats: timed calls per forward / forward+backward median.
+      decode_repeats: timed single-token decode steps per median.
+    """
 
     batch: int = 4
     seq_len: int = 256
@@ -34,6 +52,8 @@ class DemoConfig:
     num_heads: int = 8
     variants: tuple[tuple[str, int], ...] = (("MHA", 8), ("GQA", 2), ("MQA", 1))
     repeats: int = 5
+    decode_repeats: int = 20
+    dtype: str = "float32"
     seed: int = 0
 
 
@@ -45,6 +65,37 @@ def time_call(fn: Callable[[], object], repeats: int) -> float:
         start = time.perf_counter()
         jax.block_until_ready(fn())
         times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def decode_step_ms(model: MultiHeadAttention, prompt: jax.Array, repeats: int) -> float:
+    """Median milliseconds of one jit-compiled single-token ``model.decode`` step.
+
+    The cache (``max_length = T + 1``) is prefilled with ``prompt`` [B, T, D]; each
+    timed call decodes one token [B, 1, D] at position T, attending to T + 1
+    positions, with the cache donated (updated in place). Its ``lengths`` are put
+    back to T before each call, outside the timed region, so every call does the
+    same work. One untimed call compiles first.
+    """
+    B, T, D = prompt.shape
+    graphdef, state = nnx.split(model)
+
+    def decode(state, x, cache):
+        return nnx.merge(graphdef, state).decode(x, cache)
+
+    prefill = jax.jit(decode)
+    step = jax.jit(decode, donate_argnums=2)
+    _, cache = prefill(state, prompt, model.init_cache(B, T + 1))
+    lengths = np.asarray(cache.lengths)  # [B] == T; host copy, the device one is donated
+    x_t = prompt[:, -1:]  # [B, 1, D]
+    times = []
+    for i in range(repeats + 1):
+        cache = cache.replace(lengths=jax.block_until_ready(jnp.asarray(lengths)))
+        start = time.perf_counter()
+        y, cache = step(state, x_t, cache)
+        jax.block_until_ready(y)
+        if i:  # the first call compiles
+            times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
 
@@ -105,9 +156,9 @@ def run_sharded(model: MultiHeadAttention, x: jax.Array, y: jax.Array, mesh) -> 
     """The module head-parallel on ``mesh``: error against ``y`` and collectives."""
     hp = sharding.head_parallel(nnx.clone(model), mesh)
     forward, forward_backward, state = _jit_split(hp)
-    y_sharded = forward(state, x)
     fwd = forward.lower(state, x).compile()
     bwd = forward_backward.lower(state, x).compile()
+    y_sharded = fwd(state, x)
     return {
         "sharded_err": float(np.max(np.abs(np.asarray(y_sharded) - np.asarray(y)))),
         "fwd_collectives": _count(sharding.collective_summary(fwd, mesh)),
@@ -117,9 +168,11 @@ def run_sharded(model: MultiHeadAttention, x: jax.Array, y: jax.Array, mesh) -> 
 
 def run_variant(cfg: DemoConfig, name: str, num_kv_heads: int, mesh=None) -> dict:
     """Builds one variant, checks and times it; returns its table row."""
+    dtype = jnp.dtype(cfg.dtype)
     model = MultiHeadAttention(cfg.embed, cfg.num_heads, num_kv_heads=num_kv_heads,
-                               rngs=nnx.Rngs(cfg.seed))
-    x = jax.random.normal(jax.random.key(cfg.seed + 1), (cfg.batch, cfg.seq_len, cfg.embed))
+                               param_dtype=dtype, rngs=nnx.Rngs(cfg.seed))
+    x = jax.random.normal(jax.random.key(cfg.seed + 1), (cfg.batch, cfg.seq_len, cfg.embed),
+                          dtype)
     forward, forward_backward, params = _jit_split(model)
     y = forward(params, x)
     ref = torch_reference(model, np.asarray(x), is_causal=True)
@@ -135,21 +188,15 @@ def run_variant(cfg: DemoConfig, name: str, num_kv_heads: int, mesh=None) -> dic
         "max_err_vs_torch": err,
         "fwd_ms": time_call(lambda: forward(params, x), cfg.repeats),
         "fwd_bwd_ms": time_call(lambda: forward_backward(params, x), cfg.repeats),
+        "decode_step_ms": decode_step_ms(model, x, cfg.decode_repeats),
         **sharded,
     }
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    """Rows of dicts as an aligned text table."""
-    def fmt(v):
-        if v is None:
-            return "n/a"
-        if isinstance(v, float):
-            return f"{v:.2e}" if abs(v) < 0.01 else f"{v:.2f}"
-        return str(v)
-
+    """Rows of dicts as an aligned plain-text table (the printed one is a rich table)."""
     cols = list(rows[0])
-    cells = [[fmt(r[c]) for c in cols] for r in rows]
+    cells = [[format_value(r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
@@ -164,18 +211,41 @@ def default_mesh(num_heads: int, devices: Sequence[jax.Device]):
     return sharding.make_mesh(len(devices) // model, model, devices=devices)
 
 
-def run(cfg: DemoConfig = DemoConfig()) -> list[dict]:
-    """Runs every variant and prints the table."""
+def header(cfg: DemoConfig, devices: Sequence[jax.Device], mesh) -> str:
+    """One line: versions, devices, shapes, head-parallel mesh."""
+    return (f"jax {jax.__version__} on {len(devices)} x {devices[0].platform} "
+            f"({devices[0].device_kind}); inputs [B={cfg.batch}, T={cfg.seq_len}, "
+            f"D={cfg.embed}], N={cfg.num_heads}, causal, {cfg.dtype}; head-parallel mesh "
+            f"{dict(mesh.shape)}")
+
+
+def write_json(path: Path, cfg: DemoConfig, devices: Sequence[jax.Device], mesh,
+               rows: Sequence[dict]) -> None:
+    """The config, the devices and the table's rows as JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "config": dataclasses.asdict(cfg), "jax": jax.__version__,
+        "platform": devices[0].platform, "device": devices[0].device_kind,
+        "num_devices": len(devices), "mesh": dict(mesh.shape), "rows": list(rows),
+    }, indent=1) + "\n")
+
+
+def run(cfg: DemoConfig = DemoConfig(), out: str | Path | None = None) -> list[dict]:
+    """Runs every variant and prints the table; with ``out``, also writes ``out/demo.json``."""
     devices = jax.devices()
     mesh = default_mesh(cfg.num_heads, devices)
-    print(f"jax {jax.__version__} on {len(devices)} x {devices[0].platform} "
-          f"({devices[0].device_kind}); inputs [B={cfg.batch}, T={cfg.seq_len}, "
-          f"D={cfg.embed}], N={cfg.num_heads}, causal, float32; head-parallel mesh "
-          f"{dict(mesh.shape)}")
-    rows = [run_variant(cfg, name, k, mesh) for name, k in cfg.variants]
-    print(format_table(rows))
-    print("sharded_err: head-parallel forward vs one device; collectives: non-trivial ops in the "
-          "compiled sharded forward / forward+backward (op@mesh axes:count)")
+    print(header(cfg, devices, mesh), flush=True)
+    rows = []
+    with progress_bar(len(cfg.variants), "demo") as bar:
+        for name, k in cfg.variants:
+            bar.set_postfix_str(name)
+            rows.append(run_variant(cfg, name, k, mesh))
+            bar.update(1)
+    print_table(rows, caption=NOTES)
     if rows[0]["max_err_vs_torch"] is None:
         print("(torch is not installed: no reference check; pip install torch==2.13.0)")
+    if out is not None:
+        path = Path(out) / "demo.json"
+        write_json(path, cfg, devices, mesh, rows)
+        print(f"wrote {path}")
     return rows

@@ -15,7 +15,10 @@ in rotating order, so that load from other processes hits all of them alike):
 * ``largest`` (opt-in): blockwise forward + backward at B=1, T=32768, N=8, H=64.
 
 GFLOP/s count ``4 B N T S H`` for the forward, 3.5x that for forward + backward,
-half of it when causal. Writes JSON and two plots (time vs T, memory vs T).
+half of it when causal. ``--dtype bfloat16`` runs every contender (inputs,
+parameters, the torch tensors and modules) in bfloat16. Writes
+``bench_attention_<backend>.json`` and two plots (time vs T, memory vs T) under
+``--out``.
 
 Usage::
 
@@ -23,6 +26,8 @@ Usage::
   python experiments/bench_attention.py --quick         # fewer repetitions, T <= 2048
   python experiments/bench_attention.py --sections core memory --reps 9
   python experiments/bench_attention.py --sections largest
+  python experiments/bench_attention.py --tiny          # toy shapes: a smoke test
+  attention-jax bench --quick --dtype bfloat16 --out DIR
 
 Runs on one device; do not set the fake-device XLA flag the tests use.
 """
@@ -42,14 +47,44 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import attention_jax
 from attention_jax import kernels, ops
+from attention_jax.cli import print_table, progress_bar
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+# Shapes per section; --tiny swaps in TINY_SHAPES (and short T lists, see main).
+SHAPES = {
+    "core": dict(B=4, T=1024, N=8, K=8, H=64),
+    "module": dict(B=4, T=1024, D=512, N=8),
+    "crossover": dict(B=4, N=8, K=8, H=64),
+    "sweep": dict(B=1, N=8, K=8, H=64),
+    "memory": dict(B=1, N=8, H=64),
+    "largest": dict(B=1, T=32768, N=8, H=64),
+}
+TINY_SHAPES = {
+    "core": dict(B=1, T=64, N=4, K=4, H=16),
+    "module": dict(B=1, T=64, D=64, N=4),
+    "crossover": dict(B=1, N=4, K=4, H=16),
+    "sweep": dict(B=1, N=4, K=4, H=16),
+    "memory": dict(B=1, N=4, H=16),
+    "largest": dict(B=1, T=1024, N=4, H=16),
+}
+
+
+def _shape(args, section, dims):
+    """The section's dims, in the order of ``dims`` (e.g. ``"BTNKH"``)."""
+    return tuple(args.shapes[section][d] for d in dims)
+
+
+def to_torch(x):
+    """A JAX array as a torch tensor of the same dtype (float32 or bfloat16)."""
+    import torch
+
+    return torch.from_numpy(np.asarray(x, np.float32)).to(getattr(torch, jnp.dtype(x.dtype).name))
 
 
 # ---------------------------------------------------------------------------
@@ -108,7 +143,7 @@ def torch_core_cases(q, k, v, causal):
     import torch
     import torch.nn.functional as F
 
-    tq, tk, tv = (torch.from_numpy(np.array(x)).transpose(1, 2).contiguous() for x in (q, k, v))
+    tq, tk, tv = (to_torch(x).transpose(1, 2).contiguous() for x in (q, k, v))
     gq, gk, gv = (x.clone().requires_grad_() for x in (tq, tk, tv))
     gqa = tq.shape[1] != tk.shape[1]
 
@@ -126,13 +161,14 @@ def torch_core_cases(q, k, v, causal):
 
 
 def random_qkv(B, T, S, N, K, H, dtype=jnp.float32, seed=0):
+    dtype = jnp.dtype(dtype)
     rng = np.random.default_rng(seed)
     shapes = ((B, T, N, H), (B, S, K, H), (B, S, K, H))
     return tuple(jnp.asarray(rng.standard_normal(s), dtype) for s in shapes)
 
 
-def core_cases(B, T, N, K, H, causal, impls, with_torch=True):
-    q, k, v = random_qkv(B, T, T, N, K, H)
+def core_cases(B, T, N, K, H, causal, impls, with_torch=True, dtype=jnp.float32):
+    q, k, v = random_qkv(B, T, T, N, K, H, dtype)
     fwd, bwd = {}, {}
     for impl in impls:
         fwd[impl], bwd[impl] = jax_core_cases(impl, q, k, v, causal)
@@ -146,10 +182,11 @@ def core_cases(B, T, N, K, H, causal, impls, with_torch=True):
 # ---------------------------------------------------------------------------
 
 
-def module_cases(B, T, D, N, causal):
+def module_cases(B, T, D, N, causal, dtype=jnp.float32):
     from flax import nnx
 
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((B, T, D)), jnp.float32)
+    dtype = jnp.dtype(dtype)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((B, T, D)), dtype)
 
     def jax_pair(module, call):
         graphdef, state = nnx.split(module)
@@ -162,19 +199,21 @@ def module_cases(B, T, D, N, causal):
         return (lambda: _ready(fwd(state, x))), (lambda: _ready(bwd(state, x)))
 
     fwd, bwd = {}, {}
-    ours = attention_jax.MultiHeadAttention(D, N, rngs=nnx.Rngs(0))
+    ours = attention_jax.MultiHeadAttention(D, N, param_dtype=dtype, rngs=nnx.Rngs(0))
     fwd["attention_jax"], bwd["attention_jax"] = jax_pair(
         ours, lambda m, x: m(x, is_causal=causal))
-    flax_mha = nnx.MultiHeadAttention(N, D, decode=False, deterministic=True, rngs=nnx.Rngs(0))
+    flax_mha = nnx.MultiHeadAttention(N, D, decode=False, deterministic=True, param_dtype=dtype,
+                                      rngs=nnx.Rngs(0))
     fwd["flax.nnx"], bwd["flax.nnx"] = jax_pair(
         flax_mha, lambda m, x: m(x, is_causal=causal))
 
     import torch
 
-    tmha = torch.nn.MultiheadAttention(D, N, batch_first=True)
-    tx = torch.from_numpy(np.array(x))
+    tx = to_torch(x)
+    tmha = torch.nn.MultiheadAttention(D, N, batch_first=True, dtype=tx.dtype)
     gx = tx.clone().requires_grad_()
-    mask = torch.nn.Transformer.generate_square_subsequent_mask(T) if causal else None
+    mask = (torch.nn.Transformer.generate_square_subsequent_mask(T, dtype=tx.dtype)
+            if causal else None)
 
     def t_fwd():
         with torch.no_grad():
@@ -200,10 +239,11 @@ def _ratios(res, base, stat="median_ms"):
 
 
 def section_core(args, bar):
-    B, T, N, K, H = 4, 1024, 8, 8, 64
-    out = {"shape": dict(B=B, T=T, S=T, N=N, K=K, H=H, dtype="float32")}
+    B, T, N, K, H = _shape(args, "core", "BTNKH")
+    out = {"shape": dict(B=B, T=T, S=T, N=N, K=K, H=H, dtype=args.dtype)}
     for causal in (False, True):
-        fwd, bwd = core_cases(B, T, N, K, H, causal, ["xla", "blockwise", "auto", "jax.nn"])
+        fwd, bwd = core_cases(B, T, N, K, H, causal, ["xla", "blockwise", "auto", "jax.nn"],
+                              dtype=args.dtype)
         for kind, cases in (("fwd", fwd), ("fwd+bwd", bwd)):
             res = interleaved(cases, args.reps, bar)
             g = gflops(B, N, T, T, H, causal=causal, backward=kind != "fwd")
@@ -216,10 +256,10 @@ def section_core(args, bar):
 
 
 def section_module(args, bar):
-    B, T, D, N = 4, 1024, 512, 8
-    out = {"shape": dict(B=B, T=T, D=D, N=N, dtype="float32")}
+    B, T, D, N = _shape(args, "module", "BTDN")
+    out = {"shape": dict(B=B, T=T, D=D, N=N, dtype=args.dtype)}
     for causal in (False, True):
-        fwd, bwd = module_cases(B, T, D, N, causal)
+        fwd, bwd = module_cases(B, T, D, N, causal, args.dtype)
         for kind, cases in (("fwd", fwd), ("fwd+bwd", bwd)):
             res = interleaved(cases, args.reps, bar)
             out[f"{kind}{'-causal' if causal else ''}"] = {
@@ -231,10 +271,11 @@ def section_module(args, bar):
 
 
 def section_crossover(args, bar):
-    B, N, K, H = 4, 8, 8, 64
-    out = {"shape": dict(B=B, N=N, K=K, H=H, dtype="float32", causal=False), "T": {}}
+    B, N, K, H = _shape(args, "crossover", "BNKH")
+    out = {"shape": dict(B=B, N=N, K=K, H=H, dtype=args.dtype, causal=False), "T": {}}
     for T in args.crossover_T:
-        fwd, bwd = core_cases(B, T, N, K, H, False, ["xla", "blockwise"], with_torch=False)
+        fwd, bwd = core_cases(B, T, N, K, H, False, ["xla", "blockwise"], with_torch=False,
+                              dtype=args.dtype)
         res = interleaved(bwd, args.reps, bar)
         out["T"][T] = {"results": res,
                        "blockwise_over_xla": res["blockwise"]["median_ms"]
@@ -245,12 +286,12 @@ def section_crossover(args, bar):
 
 
 def section_sweep(args, bar):
-    B, N, K, H = 1, 8, 8, 64
-    out = {"shape": dict(B=B, N=N, K=K, H=H, dtype="float32"), "runs": []}
+    B, N, K, H = _shape(args, "sweep", "BNKH")
+    out = {"shape": dict(B=B, N=N, K=K, H=H, dtype=args.dtype), "runs": []}
     for causal in (False, True):
         for T in args.sweep_T:
             impls = ["blockwise"] + (["xla"] if T <= args.einsum_max_T else [])
-            fwd, bwd = core_cases(B, T, N, K, H, causal, impls)
+            fwd, bwd = core_cases(B, T, N, K, H, causal, impls, dtype=args.dtype)
             res = interleaved(bwd, args.sweep_reps, bar)
             g = gflops(B, N, T, T, H, causal=causal, backward=True)
             for r in res.values():
@@ -259,8 +300,8 @@ def section_sweep(args, bar):
     return out
 
 
-def temp_bytes(impl, B, T, N, H, causal=True):
-    q = jax.ShapeDtypeStruct((B, T, N, H), jnp.float32)
+def temp_bytes(impl, B, T, N, H, causal=True, dtype=jnp.float32):
+    q = jax.ShapeDtypeStruct((B, T, N, H), jnp.dtype(dtype))
 
     def loss(q, k, v):
         return ops.dot_product_attention(q, k, v, is_causal=causal, implementation=impl).sum()
@@ -270,18 +311,19 @@ def temp_bytes(impl, B, T, N, H, causal=True):
 
 
 def section_memory(args, bar):
-    B, N, H = 1, 8, 64
+    B, N, H = _shape(args, "memory", "BNH")
     rows = []
     for T in args.memory_T:
-        rows.append({"T": T, **{i: temp_bytes(i, B, T, N, H) for i in ("xla", "blockwise")}})
+        rows.append({"T": T, **{i: temp_bytes(i, B, T, N, H, dtype=args.dtype)
+                                for i in ("xla", "blockwise")}})
         bar.update(1)
-    return {"shape": dict(B=B, N=N, H=H, dtype="float32", causal=True,
+    return {"shape": dict(B=B, N=N, H=H, dtype=args.dtype, causal=True,
                           what="jit(grad) temp_size_in_bytes"), "rows": rows}
 
 
 def section_largest(args, bar):
-    B, T, N, H = 1, 32768, 8, 64
-    q, k, v = random_qkv(B, T, T, N, N, H)
+    B, T, N, H = _shape(args, "largest", "BTNH")
+    q, k, v = random_qkv(B, T, T, N, N, H, args.dtype)
     grad = jax.jit(jax.grad(lambda q, k, v: ops.dot_product_attention(
         q, k, v, is_causal=True, implementation="blockwise").sum(), (0, 1, 2)))
     t0 = time.perf_counter()
@@ -289,13 +331,13 @@ def section_largest(args, bar):
     secs = time.perf_counter() - t0
     bar.update(1)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"shape": dict(B=B, T=T, N=N, H=H, causal=True), "seconds_incl_compile": secs,
-            "peak_rss_bytes": peak_rss,
-            "temp_bytes": temp_bytes("blockwise", B, T, N, H)}
+    return {"shape": dict(B=B, T=T, N=N, H=H, causal=True, dtype=args.dtype),
+            "seconds_incl_compile": secs, "peak_rss_bytes": peak_rss,
+            "temp_bytes": temp_bytes("blockwise", B, T, N, H, dtype=args.dtype)}
 
 
 SECTIONS = {
-    "core": (section_core, lambda a: 8 * a.reps),
+    "core": (section_core, lambda a: 4 * a.reps),
     "module": (section_module, lambda a: 4 * a.reps),
     "crossover": (section_crossover, lambda a: len(a.crossover_T) * a.reps),
     "sweep": (section_sweep, lambda a: 2 * len(a.sweep_T) * a.sweep_reps),
@@ -307,6 +349,10 @@ SECTIONS = {
 # ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------
+
+
+def _shape_label(shape):
+    return " ".join(f"{d}={shape[d]}" for d in "BNH" if d in shape) + f" {shape['dtype']}"
 
 
 def plot(results, path_prefix):
@@ -331,7 +377,7 @@ def plot(results, path_prefix):
                     ax.plot(*zip(*pts, strict=True), marker="o", ls="--" if causal else "-",
                             label=f"{impl}{' causal' if causal else ''}")
         ax.set(xscale="log", yscale="log", xlabel="T = S", ylabel="fwd+bwd ms (median)",
-               title="attention core, B=1 N=8 H=64 f32")
+               title=f"attention core, {_shape_label(results['sweep']['shape'])}")
         t_axis(ax, sorted({r["T"] for r in results["sweep"]["runs"]}))
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -343,60 +389,104 @@ def plot(results, path_prefix):
             ax.plot([r["T"] for r in rows], [r[impl] / 2**20 for r in rows], marker="o",
                     label=impl)
         ax.set(xscale="log", yscale="log", xlabel="T = S", ylabel="temp MiB",
-               title="jit(grad) temporary memory, B=1 N=8 H=64 f32 causal")
+               title="jit(grad) temporary memory, "
+                     f"{_shape_label(results['memory']['shape'])} causal")
         t_axis(ax, [r["T"] for r in rows])
         ax.legend()
         fig.tight_layout()
         fig.savefig(f"{path_prefix}_memory_vs_T.png", dpi=120)
 
 
-def summary(results):
-    lines = []
+def _shape_text(section):
+    return ", ".join(f"{k}={v}" for k, v in section["shape"].items() if k != "what")
+
+
+def summary_tables(results):
+    """``[(title, rows)]``: the results as tables (one row dict per line)."""
+    tables = []
     for sec in ("core", "module"):
-        for key, val in results.get(sec, {}).items():
+        if sec not in results:
+            continue
+        rows = []
+        for key, val in results[sec].items():
             if key == "shape":
                 continue
-            r = val["results"]
-            cells = ", ".join(f"{n} {x['median_ms']:.0f} ms" for n, x in r.items())
-            lines.append(f"{sec:6s} {key:15s} {cells}")
-            for label in ("vs_torch", "vs_flax", "vs_torch_of_min", "vs_flax_of_min"):
-                if f"ratio_{label}" in val:
-                    lines.append(" " * 23 + f"{label}: " + ", ".join(
-                        f"{n} {x:.2f}x" for n, x in val[f"ratio_{label}"].items()))
-    for T, val in results.get("crossover", {}).get("T", {}).items():
-        lines.append(f"crossover T={T}: blockwise/xla fwd+bwd = {val['blockwise_over_xla']:.2f} "
-                     f"(of min {val['blockwise_over_xla_of_min']:.2f})")
-    for row in results.get("memory", {}).get("rows", []):
-        lines.append(f"memory T={row['T']:6d}: xla {row['xla'] / 2**20:10.1f} MiB, "
-                     f"blockwise {row['blockwise'] / 2**20:8.1f} MiB")
+            for name, x in val["results"].items():
+                row = {"case": key, "contender": name, "median ms": x["median_ms"],
+                       "min ms": x["min_ms"]}
+                for label in ("vs_torch", "vs_flax"):
+                    if f"ratio_{label}" in val:
+                        row[f"{label.replace('_', ' ')} (median)"] = val[f"ratio_{label}"][name]
+                        row[f"{label.replace('_', ' ')} (min)"] = (
+                            val[f"ratio_{label}_of_min"][name])
+                if "gflop_s" in x:
+                    row["GFLOP/s"] = x["gflop_s"]
+                rows.append(row)
+        tables.append((f"{sec}: {_shape_text(results[sec])}", rows))
+    if "crossover" in results:
+        title = f"crossover: blockwise / xla, fwd+bwd; {_shape_text(results['crossover'])}"
+        tables.append((title, [
+            {"T": T, "median ratio": val["blockwise_over_xla"],
+             "ratio of min": val["blockwise_over_xla_of_min"]}
+            for T, val in results["crossover"]["T"].items()]))
+    if "sweep" in results:
+        tables.append((f"sweep: fwd+bwd; {_shape_text(results['sweep'])}", [
+            {"T": run["T"], "causal": str(run["causal"]), "contender": name,
+             "median ms": x["median_ms"], "GFLOP/s": x["gflop_s"]}
+            for run in results["sweep"]["runs"] for name, x in run["fwd+bwd"].items()]))
+    if "memory" in results:
+        tables.append((f"memory: jit(grad) temporary MiB; {_shape_text(results['memory'])}", [
+            {"T": row["T"], "xla MiB": row["xla"] / 2**20,
+             "blockwise MiB": row["blockwise"] / 2**20}
+            for row in results["memory"]["rows"]]))
     if "largest" in results:
         lg = results["largest"]
-        lines.append(f"largest: T=32768 fwd+bwd {lg['seconds_incl_compile']:.0f} s, "
-                     f"peak RSS {lg['peak_rss_bytes'] / 2**30:.1f} GiB")
-    return "\n".join(lines)
+        tables.append(("largest: blockwise fwd+bwd", [
+            {"T": lg["shape"]["T"], "seconds incl. compile": lg["seconds_incl_compile"],
+             "peak RSS GiB": lg["peak_rss_bytes"] / 2**30,
+             "temp MiB": lg["temp_bytes"] / 2**20}]))
+    return tables
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sections", nargs="+", choices=list(SECTIONS),
                    default=["core", "module", "crossover", "sweep", "memory"])
-    p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--sweep-reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=None,
+                   help="rounds per measurement (default 7; --quick 3; --tiny 2)")
+    p.add_argument("--sweep-reps", type=int, default=None,
+                   help="rounds per sweep point (default 3; --quick 2; --tiny 1)")
     p.add_argument("--quick", action="store_true", help="3 repetitions, T <= 2048")
-    p.add_argument("--replot", action="store_true", help="only redraw the plots from --out.json")
-    p.add_argument("--out", type=Path, default=RESULTS / f"bench_attention_{jax.default_backend()}")
+    p.add_argument("--tiny", action="store_true",
+                   help="toy shapes and T lists, 2 repetitions: a smoke test, times mean nothing")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="inputs, parameters and torch tensors (default float32)")
+    p.add_argument("--replot", action="store_true",
+                   help="only redraw the plots from the JSON in --out")
+    p.add_argument("--no-plot", action="store_true", help="write no plots")
+    p.add_argument("--out", type=Path, default=RESULTS,
+                   help="folder for bench_attention_<backend>.json and its plots "
+                        "(default experiments/results)")
     args = p.parse_args(argv)
+    args.shapes = TINY_SHAPES if args.tiny else SHAPES
     args.crossover_T = [128, 256, 384, 512, 768, 1024]
     args.sweep_T = [256, 512, 1024, 2048, 4096, 8192]
     args.memory_T = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
     args.einsum_max_T = 4096
+    reps, sweep_reps = 7, 3
     if args.quick:
-        args.reps, args.sweep_reps = 3, 2
+        reps, sweep_reps = 3, 2
         args.sweep_T = [t for t in args.sweep_T if t <= 2048]
         args.crossover_T = [128, 256, 512, 1024]
+    if args.tiny:
+        reps, sweep_reps = 2, 1
+        args.crossover_T, args.sweep_T, args.memory_T = [32, 64], [64, 128], [64, 128]
+    args.reps = reps if args.reps is None else args.reps
+    args.sweep_reps = sweep_reps if args.sweep_reps is None else args.sweep_reps
+    stem = args.out / f"bench_attention_{jax.default_backend()}"
 
     if args.replot:
-        plot(json.loads(Path(f"{args.out}.json").read_text()), str(args.out))
+        plot(json.loads(Path(f"{stem}.json").read_text()), str(stem))
         return
 
     import torch
@@ -406,18 +496,21 @@ def main(argv=None):
         "platform": platform.platform(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "load_avg_start": os.getloadavg(),
         "command": " ".join(sys.argv), "auto_einsum_max_ts": kernels.AUTO_EINSUM_MAX_TS,
+        "dtype": args.dtype, "tiny": args.tiny,
     }}
     total = sum(SECTIONS[s][1](args) for s in args.sections)
-    with tqdm(total=total, desc="bench", unit="round") as bar:
+    with progress_bar(total, "bench") as bar:
         for s in args.sections:
             bar.set_postfix_str(s)
             results[s] = SECTIONS[s][0](args, bar)
     results["meta"]["load_avg_end"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.out}.json").write_text(json.dumps(results, indent=1))
-    plot(results, str(args.out))
-    print(summary(results))
-    print(f"wrote {args.out}.json")
+    args.out.mkdir(parents=True, exist_ok=True)
+    Path(f"{stem}.json").write_text(json.dumps(results, indent=1))
+    if not args.no_plot:
+        plot(results, str(stem))
+    for title, rows in summary_tables(results):
+        print_table(rows, title=title)
+    print(f"wrote {stem}.json" + ("" if args.no_plot else f" and {stem}_*.png"))
 
 
 if __name__ == "__main__":

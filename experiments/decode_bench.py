@@ -13,7 +13,8 @@ On a GPU the step time is also set against the floor ``KV bytes / HBM bandwidth`
 
 Writes ``decode_bench_<backend>.json``, ``.md`` (tables) and ``.png`` under ``--out``.
 
-    python experiments/decode_bench.py [--lengths 1024 4096 32768] [--batch 1]
+    python experiments/decode_bench.py [--lengths 1024 4096 32768] [--batch 1] [--quick]
+    attention-jax decode [--quick] [--dtype bfloat16] [--out DIR] [--lengths ...]
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from flax import nnx
 import attention_jax as aj
 from attention_jax import cache as kv_cache
 from attention_jax.cache import KVCache
+from attention_jax.cli import print_table, progress_bar
 from attention_jax.modules import PARAM_AXES
 
 # Nominal HBM bandwidth (GB/s) by device kind substring.
@@ -139,33 +141,35 @@ def run(args) -> dict:
     hbm = args.hbm_gbs or next((v for k, v in HBM_GBS.items() if k in device_kind), None)
     D = args.heads * args.head_dim
     rows = []
-    for name, K in variants(args.heads).items():
-        m = aj.MultiHeadAttention(D, args.heads, num_kv_heads=K, param_dtype=dtype,
-                                  rngs=nnx.Rngs(0))
-        x = jax.random.normal(jax.random.key(1), (args.batch, 1, D), dtype)
-        for cache_dtype in (dtype, jnp.dtype(jnp.int8)):
-            for S in args.lengths:
-                cache = filled_cache(m, args.batch, S, cache_dtype, jax.random.key(S))
-                row = dict(variant=name, K=K, cache_dtype=cache_dtype.name, S=S,
-                           bytes_per_token=cache.bytes_per_token)
-                row["kv_bytes"] = args.batch * S * cache.bytes_per_token
-                if torch_ok and cache_dtype != jnp.int8:
-                    t_torch, y_torch = torch_step(m, cache, x, args.repeats, torch_dtype,
-                                                  torch_device)
-                    row["torch_ms"] = 1e3 * t_torch
-                t_jax, y_jax = jax_step_time(m, cache, x, args.repeats)
-                row["jax_ms"] = 1e3 * t_jax
-                if "torch_ms" in row:
-                    row["jax_over_torch"] = row["jax_ms"] / row["torch_ms"]
-                    row["max_abs_diff_vs_torch"] = float(np.abs(y_jax - y_torch).max())
-                row["effective_gbs"] = row["kv_bytes"] / t_jax / 1e9
-                if hbm:
-                    row["floor_ms"] = 1e3 * row["kv_bytes"] / (hbm * 1e9)
-                    row["jax_over_floor"] = row["jax_ms"] / row["floor_ms"]
-                rows.append(row)
-                print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()},
-                      flush=True)
-                del cache
+    steps = len(variants(args.heads)) * 2 * len(args.lengths)  # 2 cache dtypes
+    with progress_bar(steps, "decode") as bar:
+        for name, K in variants(args.heads).items():
+            m = aj.MultiHeadAttention(D, args.heads, num_kv_heads=K, param_dtype=dtype,
+                                      rngs=nnx.Rngs(0))
+            x = jax.random.normal(jax.random.key(1), (args.batch, 1, D), dtype)
+            for cache_dtype in (dtype, jnp.dtype(jnp.int8)):
+                for S in args.lengths:
+                    bar.set_postfix_str(f"{name} {cache_dtype.name} cache, S={S}")
+                    cache = filled_cache(m, args.batch, S, cache_dtype, jax.random.key(S))
+                    row = dict(variant=name, K=K, cache_dtype=cache_dtype.name, S=S,
+                               bytes_per_token=cache.bytes_per_token)
+                    row["kv_bytes"] = args.batch * S * cache.bytes_per_token
+                    if torch_ok and cache_dtype != jnp.int8:
+                        t_torch, y_torch = torch_step(m, cache, x, args.repeats, torch_dtype,
+                                                      torch_device)
+                        row["torch_ms"] = 1e3 * t_torch
+                    t_jax, y_jax = jax_step_time(m, cache, x, args.repeats)
+                    row["jax_ms"] = 1e3 * t_jax
+                    if "torch_ms" in row:
+                        row["jax_over_torch"] = row["jax_ms"] / row["torch_ms"]
+                        row["max_abs_diff_vs_torch"] = float(np.abs(y_jax - y_torch).max())
+                    row["effective_gbs"] = row["kv_bytes"] / t_jax / 1e9
+                    if hbm:
+                        row["floor_ms"] = 1e3 * row["kv_bytes"] / (hbm * 1e9)
+                        row["jax_over_floor"] = row["jax_ms"] / row["floor_ms"]
+                    rows.append(row)
+                    del cache
+                    bar.update(1)
     return dict(backend=backend, device_kind=device_kind, dtype=dtype.name, hbm_gbs=hbm,
                 config={k: v if not isinstance(v, pathlib.Path) else str(v)
                         for k, v in vars(args).items()}, rows=rows)
@@ -234,27 +238,69 @@ def plot(result: dict, path: pathlib.Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def print_tables(result: dict) -> None:
+    """The KV-bytes and decode-step tables of :func:`summarize`, as rich tables."""
+    rows = result["rows"]
+    cfg = result["config"]
+    dtypes = sorted({r["cache_dtype"] for r in rows})
+    by_variant = {}
+    for r in rows:
+        by_variant.setdefault(r["variant"], {"variant": r["variant"], "K": r["K"]})
+        by_variant[r["variant"]][f"{r['cache_dtype']} bytes/token"] = r["bytes_per_token"]
+    print_table(list(by_variant.values()),
+                title=f"KV-cache bytes per token (one row, one layer; H=V={cfg['head_dim']})")
+    step_rows = []
+    for r in rows:
+        row = {"variant": r["variant"], "cache": r["cache_dtype"], "S": r["S"],
+               "KV MB": r["kv_bytes"] / 1e6, "jax ms": r["jax_ms"],
+               "torch ms": r.get("torch_ms"), "jax/torch": r.get("jax_over_torch"),
+               "max diff vs torch": r.get("max_abs_diff_vs_torch"),
+               "GB/s": r["effective_gbs"]}
+        if result["hbm_gbs"]:
+            row["floor ms"] = r["floor_ms"]
+            row["jax/floor"] = r["jax_over_floor"]
+        step_rows.append(row)
+    print_table(step_rows, title=(
+        f"Decode step on {result['backend']} ({result['device_kind']}), params "
+        f"{result['dtype']}, B={cfg['batch']}, N={cfg['heads']}: one token attending to S "
+        f"cached tokens, median of {cfg['repeats']}"),
+        caption=f"cache dtypes: {', '.join(dtypes)}; n/a: no torch run (int8, or no torch)")
+
+
+QUICK_LENGTHS = [256, 1024]
+QUICK_REPEATS = 5
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--lengths", type=int, nargs="+",
-                   default=[1024, 2048, 4096, 8192, 16384, 32768])
+    p.add_argument("--lengths", type=int, nargs="+", default=None,
+                   help="cache lengths S (default 1024 2048 ... 32768; --quick: 256 1024)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype", default=None, help="default bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=None, help="default 20 (--quick: 5)")
     p.add_argument("--hbm-gbs", type=float, default=None)
+    p.add_argument("--quick", action="store_true", help="S in {256, 1024}, 5 repeats")
+    p.add_argument("--no-plot", action="store_true", help="write no plot")
     p.add_argument("--out", type=pathlib.Path,
                    default=pathlib.Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
+    if args.lengths is None:
+        args.lengths = QUICK_LENGTHS if args.quick else [1024, 2048, 4096, 8192, 16384, 32768]
+    if args.repeats is None:
+        args.repeats = QUICK_REPEATS if args.quick else 20
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"decode_bench_{result['backend']}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    table = summarize(result)
-    stem.with_suffix(".md").write_text(table)
-    plot(result, stem.with_suffix(".png"))
-    print(table)
+    stem.with_suffix(".md").write_text(summarize(result))
+    written = [stem.with_suffix(".json"), stem.with_suffix(".md")]
+    if not args.no_plot:
+        plot(result, stem.with_suffix(".png"))
+        written.append(stem.with_suffix(".png"))
+    print_tables(result)
+    print("wrote " + ", ".join(map(str, written)))
 
 
 if __name__ == "__main__":

@@ -16,12 +16,15 @@ Same math as the module, but every call moves inputs and weights between
 devices from Python; its transfers are counted.
 
 Without an accelerator the script asks for 8 fake CPU devices before JAX
-starts. Fake devices share the host's cores: times there prove nothing about
-speed, only the counts and errors mean something.
+starts (``attention-jax shard --devices N`` asks for N instead). Fake devices
+share the host's cores: times there prove nothing about speed, only the counts
+and errors mean something. Without ``--meshes`` it runs every ``data x model``
+mesh of the device count that the shapes allow (8 devices: 1x8 2x4 4x2 8x1).
 
 Writes ``head_parallel.json`` and ``head_parallel.png`` under ``--out``.
 
-    python experiments/head_parallel.py [--quick] [--meshes 2x4 1x8] [--repeats 5]
+    python experiments/head_parallel.py [--quick] [--meshes 2x4 1x8] [--variants MQA]
+    attention-jax shard [--quick] [--devices 8] [--dtype bfloat16] [--out DIR]
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from attention_jax import MultiHeadAttention, ops, sharding  # noqa: E402
+from attention_jax.cli import print_table, progress_bar  # noqa: E402
 from attention_jax.demo import format_table  # noqa: E402
 
 MESHES = ((1, 8), (2, 4), (4, 2), (8, 1))
@@ -69,6 +73,7 @@ class Config:
       head_dim: H.
       meshes: ``(data, model)`` shapes; ``data * model`` must be the device count.
       variants: ``(name, N, K)`` triples.
+      dtype: parameters, inputs and cotangents (``"float32"`` or ``"bfloat16"``).
       repeats: timed calls per measurement (median reported).
       out: output folder (None: write nothing).
       plot: whether to write the plot.
@@ -81,6 +86,7 @@ class Config:
     head_dim: int = 32
     meshes: tuple[tuple[int, int], ...] = MESHES
     variants: tuple[tuple[str, int, int], ...] = VARIANTS
+    dtype: str = "float32"
     repeats: int = 5
     out: str | None = "experiments/out"
     plot: bool = True
@@ -97,13 +103,14 @@ QUICK = dict(batch=8, seq_len=8, embed=32, head_dim=8, repeats=2)
 
 def build(cfg: Config, N: int, K: int) -> tuple[MultiHeadAttention, jax.Array, jax.Array]:
     """The module (nonzero biases), inputs x [B, T, D] and a cotangent ct [B, T, D]."""
+    dtype = jnp.dtype(cfg.dtype)
     module = MultiHeadAttention(cfg.embed, N, num_kv_heads=K, head_dim=cfg.head_dim,
-                                bias_init=nnx.initializers.normal(0.1),
+                                bias_init=nnx.initializers.normal(0.1), param_dtype=dtype,
                                 rngs=nnx.Rngs(cfg.seed))
     rng = np.random.default_rng(cfg.seed + 1)
     shape = (cfg.batch, cfg.seq_len, cfg.embed)
-    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-    ct = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    x = jnp.asarray(rng.standard_normal(shape), dtype)
+    ct = jnp.asarray(rng.standard_normal(shape), dtype)
     return module, x, ct
 
 
@@ -137,7 +144,7 @@ def max_err(a, b) -> float:
     """Largest absolute difference of two arrays or two dicts of arrays (same keys)."""
     if isinstance(a, dict):
         return max(max_err(a[k], b[k]) for k in a)
-    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+    return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -385,6 +392,35 @@ def plot(result: dict, path: Path) -> bool:
     return True
 
 
+def mesh_shapes(n_devices: int, cfg: Config) -> tuple[tuple[int, int], ...]:
+    """Every ``(data, model)`` with ``data * model == n_devices`` that the shapes allow.
+
+    ``data`` must divide the batch, ``model`` every variant's N, and K and ``model``
+    one another (kv heads split or replicated). Largest ``model`` first; for 8
+    devices and the default config: ``MESHES``.
+    """
+    return tuple(
+        (n_devices // m, m) for m in range(n_devices, 0, -1)
+        if n_devices % m == 0 and cfg.batch % (n_devices // m) == 0
+        and all(N % m == 0 and (K % m == 0 or m % K == 0) for _, N, K in cfg.variants))
+
+
+def default_meshes(cfg: Config) -> tuple[tuple[int, int], ...]:
+    """The meshes of the default devices, else of the CPU devices; more than one device first.
+
+    Raises:
+      ValueError: when no mesh of either device count fits the shapes.
+    """
+    counts = list(dict.fromkeys((jax.device_count(), len(jax.devices("cpu")))))
+    for n in sorted(counts, key=lambda n: n < 2):  # stable: default devices first
+        if meshes := mesh_shapes(n, cfg):
+            return meshes
+    raise ValueError(
+        f"no data x model mesh of {' or '.join(map(str, counts))} devices fits batch "
+        f"{cfg.batch} and heads (N, K) {[(N, K) for _, N, K in cfg.variants]}: data must "
+        "divide the batch and model the heads; try --devices 8 or --meshes")
+
+
 def pick_devices(meshes) -> list[jax.Device]:
     """The default devices if some mesh fits them, else the (fake) CPU devices.
 
@@ -419,18 +455,24 @@ def run(cfg: Config = Config()) -> dict:
         print(f"skipping meshes {skipped}: they need data * model = {len(devices)} devices")
     shape = f"[B={cfg.batch}, T={cfg.seq_len}, D={cfg.embed}], H={cfg.head_dim}"
     print(f"jax {jax.__version__} on {len(devices)} x {devices[0].platform} "
-          f"({devices[0].device_kind}); causal self-attention, inputs {shape}, float32")
+          f"({devices[0].device_kind}); causal self-attention, inputs {shape}, {cfg.dtype}",
+          flush=True)
     rows = []
-    for name, N, K in cfg.variants:
-        reference = reference_for(cfg, N, K)
-        for mesh_shape in meshes:
-            rows.append(run_sharded(cfg, mesh_shape, name, N, K, reference, devices))
-        rows.append(run_baseline(cfg, name, N, K, reference, devices))
+    with progress_bar(len(cfg.variants) * (len(meshes) + 1), "shard") as bar:
+        for name, N, K in cfg.variants:
+            reference = reference_for(cfg, N, K)
+            for mesh_shape in meshes:
+                bar.set_postfix_str(f"{name} {mesh_shape[0]}x{mesh_shape[1]}")
+                rows.append(run_sharded(cfg, mesh_shape, name, N, K, reference, devices))
+                bar.update(1)
+            bar.set_postfix_str(f"{name} device_put loop")
+            rows.append(run_baseline(cfg, name, N, K, reference, devices))
+            bar.update(1)
     table = format_table(table_rows(rows))
-    print(table)
-    print("err_*: max |difference| vs the same module on one device (grad: every parameter and "
-          "the input); step = jit(grad of sum(y*ct)), i.e. forward + backward; host puts/call: "
-          "device_put calls that move data in one forward.")
+    print_table(table_rows(rows), caption=(
+        "err_*: max |difference| vs the same module on one device (grad: every parameter and "
+        "the input); step = jit(grad of sum(y*ct)), i.e. forward + backward; host puts/call: "
+        "device_put calls that move data in one forward."))
     if fake:
         print(FAKE_NOTE)
     result = {"config": dataclasses.asdict(cfg), "device": devices[0].device_kind,
@@ -463,15 +505,26 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="experiments/out", help="output folder")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (for tests)")
     parser.add_argument("--meshes", type=_mesh_arg, nargs="+", default=None,
-                        metavar="DATAxMODEL", help="e.g. 1x8 2x4 (default: 1x8 2x4 4x2 8x1)")
+                        metavar="DATAxMODEL",
+                        help="e.g. 1x8 2x4 (default: every mesh of the device count that fits)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per median")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="parameters, inputs and cotangents (default float32)")
+    parser.add_argument("--variants", nargs="+", choices=[v[0] for v in VARIANTS],
+                        default=None, help="which of MHA GQA MQA (default all)")
+    parser.add_argument("--no-plot", action="store_true", help="write no plot")
     args = parser.parse_args(argv)
     kwargs = dict(QUICK) if args.quick else {}
-    if args.meshes:
-        kwargs["meshes"] = tuple(args.meshes)
+    if args.variants:
+        kwargs["variants"] = tuple(v for v in VARIANTS if v[0] in args.variants)
     if args.repeats is not None:
         kwargs["repeats"] = args.repeats
-    return run(Config(out=args.out, **kwargs))
+    cfg = Config(out=args.out, dtype=args.dtype, plot=not args.no_plot, **kwargs)
+    try:
+        meshes = tuple(args.meshes) if args.meshes else default_meshes(cfg)
+    except ValueError as err:
+        parser.error(str(err))
+    return run(dataclasses.replace(cfg, meshes=meshes))
 
 
 if __name__ == "__main__":

@@ -94,3 +94,21 @@ def test_cli_parses_meshes():
     assert exp._mesh_arg("2x4") == (2, 4)
     with pytest.raises(Exception, match="2x4"):
         exp._mesh_arg("24")
+
+
+@pytest.mark.parametrize(("n", "expected"), [
+    (8, ((1, 8), (2, 4), (4, 2), (8, 1))),  # the default config's MESHES
+    (2, ((1, 2), (2, 1))),
+    (16, ((2, 8), (4, 4), (8, 2))),  # model <= N = 8, data <= batch = 8
+    (3, ()),  # 3 divides neither the batch nor the heads
+])
+def test_mesh_shapes_of_a_device_count(n, expected):
+    exp = _load()
+    assert exp.mesh_shapes(n, exp.Config()) == expected
+
+
+def test_default_meshes_on_eight_devices():
+    exp = _load()
+    assert exp.default_meshes(exp.Config()) == exp.MESHES
+    one_variant = exp.Config(batch=4, variants=(("MQA", 8, 1),))
+    assert exp.mesh_shapes(8, one_variant) == ((1, 8), (2, 4), (4, 2))

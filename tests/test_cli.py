@@ -1,0 +1,206 @@
+"""The ``attention-jax`` command line: parsing, forwarding, errors, and each subcommand run.
+
+Parsing and error paths run in-process (they stop before JAX picks devices). Every
+subcommand also runs once, end to end, in a fresh interpreter: the device flag only
+works before JAX starts, and this test session already started it with 8 devices.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from attention_jax import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 240  # per subprocess, generous: the machine is shared
+ATOL_BF16 = 0.1  # max |difference| of bfloat16 results (sharded vs one device, jax vs torch)
+FAKE_FLAG = "--xla_force_host_platform_device_count"
+
+
+# ---------------------------------------------------------------------------
+# In-process: parsing, forwarding, errors
+# ---------------------------------------------------------------------------
+
+
+def _exit_code(argv, capsys) -> tuple[int, str, str]:
+    """``(exit code, stdout, stderr)`` of ``cli.main(argv)`` that exits via SystemExit."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    out, err = capsys.readouterr()
+    return info.value.code, out, err
+
+
+def test_help_names_every_subcommand(capsys):
+    code, out, _ = _exit_code(["--help"], capsys)
+    assert code == 0
+    for name in ("demo", "bench", "decode", "shard"):
+        assert f"    {name} " in out, out
+    assert "Without a subcommand, runs demo" in out
+
+
+def test_demo_help_lists_common_and_demo_options(capsys):
+    code, out, _ = _exit_code(["demo", "--help"], capsys)
+    assert code == 0
+    for option in ("--devices N", "--dtype {float32,bfloat16}", "--out DIR", "--seq-len T",
+                   "--batch B", "decode-step"):
+        assert option in out, option
+
+
+def test_bench_help_shows_common_and_experiment_options(capsys):
+    code = cli.main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "--devices N" in out and "(default 1)" in out  # ours
+    assert "options of experiments/bench_attention.py" in out
+    assert "--sections" in out and "--tiny" in out  # the script's own
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    ([], ["demo"]),
+    (["--seq-len", "16"], ["demo", "--seq-len", "16"]),
+    (["--help"], ["--help"]),
+    (["shard", "--quick"], ["shard", "--quick"]),
+])
+def test_demo_is_the_default_subcommand(argv, expected):
+    assert cli._with_default_command(argv) == expected
+
+
+@pytest.fixture
+def fake_experiments(tmp_path, monkeypatch):
+    """An experiments/ folder whose bench script writes its argv and sys.argv as JSON."""
+    (tmp_path / "bench_attention.py").write_text(
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "def main(argv):\n"
+        f"    Path({str(tmp_path / 'seen.json')!r}).write_text(\n"
+        "        json.dumps({'argv': argv, 'sys_argv': sys.argv}))\n"
+    )
+    monkeypatch.setattr(cli, "EXPERIMENTS_DIR", tmp_path)
+    monkeypatch.delitem(sys.modules, "attention_jax_experiments.bench_attention", raising=False)
+    yield tmp_path
+    sys.modules.pop("attention_jax_experiments.bench_attention", None)
+
+
+def test_unknown_options_and_common_ones_are_forwarded(fake_experiments, capsys):
+    code = cli.main(["bench", "--quick", "--sections", "core", "memory", "--dtype", "bfloat16",
+                     "--out", "some/dir", "--devices", "1"])
+    seen = json.loads((fake_experiments / "seen.json").read_text())
+    assert code == 0
+    assert seen["argv"] == ["--quick", "--sections", "core", "memory",
+                            "--dtype", "bfloat16", "--out", "some/dir"]
+    assert seen["sys_argv"][0] == "attention-jax bench"
+    assert sys.argv[0] != "attention-jax bench"  # put back
+
+
+def test_missing_experiments_dir_says_source_checkout(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "EXPERIMENTS_DIR", tmp_path / "nowhere")
+    for name in ("bench", "decode", "shard"):
+        code = cli.main([name, "--quick"])
+        err = capsys.readouterr().err
+        assert code == 2
+        assert "source checkout" in err and cli.EXPERIMENTS[name].script in err, err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["--devices", "0"], "--devices: must be >= 1; got 0"),
+    (["shard", "--devices", "two"], "--devices: must be an integer >= 1; got 'two'"),
+    (["demo", "--dtype", "float16"], "invalid choice: 'float16'"),
+    (["demo", "--quick"], "unrecognized arguments: --quick"),
+])
+def test_usage_errors_exit_2_with_a_message(argv, message, capsys):
+    code, out, err = _exit_code(argv, capsys)
+    assert code == 2
+    assert message in err, err
+    assert out == ""
+
+
+# ---------------------------------------------------------------------------
+# Subprocess: each subcommand end to end on tiny shapes
+# ---------------------------------------------------------------------------
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    """``python -m attention_jax ARGS`` in ROOT, without this session's device flag."""
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(FAKE_FLAG)]
+    env["XLA_FLAGS"] = " ".join(flags)
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run([sys.executable, "-m", "attention_jax", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_demo_default_subcommand_bfloat16_two_devices(tmp_path):
+    proc = _run("--seq-len", "16", "--batch", "1", "--repeats", "1", "--devices", "2",
+                "--dtype", "bfloat16", "--out", str(tmp_path))
+    saved = json.loads((tmp_path / "demo.json").read_text())
+    assert saved["num_devices"] == 2 and saved["mesh"] == {"data": 1, "model": 2}
+    assert saved["config"]["dtype"] == "bfloat16" and saved["config"]["seq_len"] == 16
+    rows = saved["rows"]
+    assert [(r["variant"], r["K"]) for r in rows] == [("MHA", 8), ("GQA", 2), ("MQA", 1)]
+    for row in rows:
+        # K * (H + V) bfloat16 values per token; H = V = 512 / 8
+        assert row["kv_bytes_per_token"] == row["K"] * 128 * 2, row
+        assert row["decode_step_ms"] > 0 and row["fwd_ms"] > 0, row
+        assert row["sharded_err"] < ATOL_BF16, row
+        assert row["fwd_collectives"] == "all-reduce@model:1", row
+    for column in ("decode_step_ms", "kv_bytes_per_token", "sharded_err", "fwd_collectives"):
+        assert column in proc.stdout
+    assert "2 x cpu" in proc.stdout and "bfloat16" in proc.stdout
+
+
+def test_bench_tiny_bfloat16(tmp_path):
+    pytest.importorskip("torch")
+    proc = _run("bench", "--tiny", "--sections", "core", "memory", "--reps", "1", "--no-plot",
+                "--dtype", "bfloat16", "--out", str(tmp_path))
+    saved = json.loads((tmp_path / "bench_attention_cpu.json").read_text())
+    assert saved["meta"]["dtype"] == "bfloat16" and saved["meta"]["tiny"]
+    core = saved["core"]
+    assert core["shape"]["dtype"] == "bfloat16" and core["shape"]["T"] == 64
+    for case in ("fwd", "fwd+bwd", "fwd-causal", "fwd+bwd-causal"):
+        results = core[case]["results"]
+        assert set(results) == {"xla", "blockwise", "auto", "jax.nn", "torch"}
+        assert all(len(r["all_ms"]) == 1 for r in results.values())  # --reps 1 forwarded
+    rows = saved["memory"]["rows"]
+    assert [r["T"] for r in rows] == [64, 128]
+    assert all(r["xla"] > 0 and r["blockwise"] > 0 for r in rows)
+    assert "contender" in proc.stdout and "blockwise MiB" in proc.stdout
+
+
+def test_decode_tiny_bfloat16(tmp_path):
+    proc = _run("decode", "--lengths", "16", "--heads", "8", "--head-dim", "8", "--repeats", "2",
+                "--no-plot", "--dtype", "bfloat16", "--out", str(tmp_path))
+    saved = json.loads((tmp_path / "decode_bench_cpu.json").read_text())
+    assert saved["dtype"] == "bfloat16"
+    rows = [r for r in saved["rows"] if r["cache_dtype"] == "bfloat16"]
+    # K * (H + V) * 2 bytes: MHA K=8, GQA K=8//4, MQA K=1; H = V = 8
+    assert [(r["variant"], r["bytes_per_token"]) for r in rows] == [
+        ("MHA", 256), ("GQA", 64), ("MQA", 32)]
+    for r in rows:
+        assert r["S"] == 16 and r["jax_ms"] > 0
+        if "max_abs_diff_vs_torch" in r:
+            assert r["max_abs_diff_vs_torch"] < ATOL_BF16, r
+    assert len(saved["rows"]) == 6  # and the three int8 caches
+    assert "Decode step" in proc.stdout and "bytes/token" in proc.stdout
+
+
+def test_shard_quick_bfloat16_two_devices(tmp_path):
+    proc = _run("shard", "--quick", "--devices", "2", "--meshes", "1x2", "--variants", "GQA",
+                "--no-plot", "--dtype", "bfloat16", "--out", str(tmp_path))
+    saved = json.loads((tmp_path / "head_parallel.json").read_text())
+    assert saved["num_devices"] == 2 and saved["config"]["dtype"] == "bfloat16"
+    sharded, baseline = saved["rows"]
+    assert (sharded["layout"], sharded["mesh"], sharded["variant"]) == ("shard_map", "1x2", "GQA")
+    D, N, H = 32, 8, 8  # --quick shapes
+    assert sharded["q_kernel_bytes_total"] == D * N * H * 2  # bfloat16
+    assert sharded["q_kernel_bytes_per_device"] == D * N * H * 2 // 2
+    assert sharded["fwd_collectives"] == {"all-reduce@model": 1}
+    assert sharded["err_fwd"] < ATOL_BF16
+    assert baseline["layout"] == "device_put loop"
+    assert "err_fwd" in proc.stdout and "all-reduce@model x1" in proc.stdout
