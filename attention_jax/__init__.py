@@ -8,7 +8,7 @@
 (1, (1, 6, 32))
 """
 
-from attention_jax import cache, convert, interop, kernels, masks, ops, rope
+from attention_jax import cache, convert, interop, kernels, linen, masks, ops, rope
 from attention_jax.cache import KVCache
 from attention_jax.masks import causal_mask, combine_masks, padding_mask, sliding_window_mask
 from attention_jax.modules import (
@@ -34,6 +34,7 @@ __all__ = [
     "dot_product_attention",
     "interop",
     "kernels",
+    "linen",
     "masks",
     "ops",
     "padding_mask",

@@ -1,0 +1,379 @@
+"""A Flax Linen adapter: the NNX attention for existing ``flax.linen`` codebases.
+
+:class:`MultiHeadAttention` here is an ``nn.Module`` with the options of
+:class:`attention_jax.modules.MultiHeadAttention` (MHA, GQA and MQA through
+``num_kv_heads``) and the Linen habits: the input widths ``D``, ``Dk``, ``Dv``
+come from the inputs at ``init``, parameters live in the ``'params'``
+collection and dropout draws from the ``'dropout'`` rng collection.
+
+Nothing is re-derived: the NNX constructor validates the configuration and
+fixes the parameter shapes (on an abstract module, cached per configuration),
+the NNX input checks run on every call, and the forward pass is
+:func:`attention_jax.modules.attention_forward` plus ``o_bias``, as in the NNX
+module. The parameters have the NNX names, shapes and default initialisers
+(``q_kernel [D, N, H]``, ``k_kernel [Dk, K, H]``, ``v_kernel [Dv, K, V]``,
+``o_kernel [N, V, Do]``, biases ``[N, H]``, ``[K, H]``, ``[K, V]``, ``[Do]``),
+each boxed in ``nn.LogicallyPartitioned`` with the logical axes of
+:data:`attention_jax.modules.PARAM_AXES`, so ``nn.get_partition_spec`` and
+``nn.logical_to_mesh_sharding`` work on the variables ``init`` returns.
+
+:func:`to_nnx` and :func:`from_nnx` move trained parameters between the two
+APIs, unchanged (the same arrays, no cast). To use an NNX model from Linen
+code or the reverse, convert with them rather than wrap: ``nnx.bridge.ToNNX``
+turns logical axis names into eager shardings, which needs a mesh (or
+``nnx.use_eager_sharding(False)``), as for any logically partitioned Linen module.
+
+Inside a Linen model (GQA: 4 query heads share 2 key/value heads):
+
+>>> import jax, jax.numpy as jnp
+>>> import flax.linen as nn
+>>> from attention_jax import linen as ajl
+>>> class Block(nn.Module):
+...     @nn.compact
+...     def __call__(self, x):
+...         h = nn.Dense(16, name="proj")(x)
+...         return h + ajl.GroupedQueryAttention(4, 2, name="attn")(h, is_causal=True)
+>>> x = jnp.ones((2, 5, 8))
+>>> variables = Block().init(jax.random.key(0), x)
+>>> Block().apply(variables, x).shape
+(2, 5, 16)
+>>> tuple(nn.get_partition_spec(variables)["params"]["attn"]["k_kernel"])
+('embed', 'kv_heads', 'head_dim')
+
+To and from the NNX module:
+
+>>> gqa = ajl.to_nnx(ajl.GroupedQueryAttention(4, 2), variables["params"]["attn"])
+>>> gqa.num_kv_heads, gqa.in_features
+(2, 16)
+>>> attn = ajl.MultiHeadAttention(4, num_kv_heads=1)                 # MQA
+>>> v = attn.init(jax.random.key(1), x)
+>>> nnx_mqa = ajl.to_nnx(attn, v)
+>>> nnx_mqa.num_kv_heads, nnx_mqa.k_kernel.shape
+(1, (8, 1, 2))
+>>> bool(jnp.allclose(nnx_mqa(x), attn.apply(v, x), atol=1e-6))
+True
+>>> attn2, v2 = ajl.from_nnx(nnx_mqa)          # unboxed {'params': {...}}
+>>> attn2.num_kv_heads, v2["params"]["k_kernel"].shape
+(1, (8, 1, 2))
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attention_jax import modules
+from attention_jax.modules import PARAM_AXES, Initializer
+
+Array = jax.Array
+
+_KERNELS = ("q_kernel", "k_kernel", "v_kernel")  # their first axis is the input width
+_INPUTS = ("inputs_q", "inputs_k", "inputs_v")
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with ``num_kv_heads`` key/value heads, as a Linen module.
+
+    The options, their defaults and ``__call__`` are those of
+    :class:`attention_jax.modules.MultiHeadAttention`, except that the input
+    widths (``in_features``, ``in_k_features``, ``in_v_features``) are read
+    from the inputs at ``init``. For MQA and GQA pass ``num_kv_heads`` (1, or a
+    divisor of ``num_heads``) or use :func:`MultiQueryAttention` /
+    :func:`GroupedQueryAttention`. Configuration errors are raised, by the NNX
+    constructor's own checks, when the module first sees its inputs.
+
+    Attributes:
+      num_heads: N query heads.
+      num_kv_heads: K key/value heads; ``None`` means N (MHA), 1 is MQA.
+      head_dim: H, query/key size per head; default ``D // num_heads``.
+      v_head_dim: V, value size per head; default H.
+      out_features: output width; default D (the width of ``inputs_q``).
+      use_bias: biases on the four projections.
+      dropout_rate: dropout on the attention weights, drawn from the
+        ``'dropout'`` rng collection (``apply(..., rngs={'dropout': key})``);
+        ``init`` without a ``'dropout'`` rng runs without dropout.
+      dtype: computation dtype; default: promoted from inputs and parameters.
+      param_dtype: parameter dtype at ``init``.
+      implementation: attention backend passed to ``dot_product_attention``.
+      scale: logit scale; default ``1/sqrt(H)``.
+      kernel_init: kernel initialiser, applied to the flattened
+        ``[fan_in, fan_out]`` shape; default
+        :func:`attention_jax.modules.default_kernel_init` (LeCun normal).
+      bias_init: bias initialiser; default zeros.
+      rope: rotary base theta applied to q and k, or ``None``.
+      deterministic: default for ``__call__``'s ``deterministic`` (``None``
+        means dropout is on when ``dropout_rate > 0``).
+    """
+
+    num_heads: int
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    v_head_dim: int | None = None
+    out_features: int | None = None
+    use_bias: bool = True
+    dropout_rate: float = 0.0
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    implementation: str | None = None
+    scale: float | None = None
+    kernel_init: Initializer | None = None
+    bias_init: Initializer = nn.initializers.zeros_init()
+    rope: float | None = None
+    deterministic: bool | None = None
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs_q: Array,
+        inputs_k: Array | None = None,
+        inputs_v: Array | None = None,
+        *,
+        mask: Array | None = None,
+        is_causal: bool = False,
+        deterministic: bool | None = None,
+        return_weights: bool = False,
+    ) -> Array | tuple[Array, Array]:
+        """Attends ``inputs_q`` to ``inputs_k`` / ``inputs_v``.
+
+        Args:
+          inputs_q: ``[B, T, D]``.
+          inputs_k: ``[B, S, Dk]``; default ``inputs_q`` (self-attention).
+          inputs_v: ``[B, S, Dv]``; default ``inputs_k``.
+          mask: boolean, broadcastable to ``[B, N, T, S]``; True = attend.
+          is_causal: add the top-left aligned causal mask.
+          deterministic: disable dropout (default: the module's setting;
+            dropout is on when ``dropout_rate > 0`` and nothing says otherwise).
+          return_weights: also return the ``[B, N, T, S]`` attention weights.
+
+        Returns:
+          ``[B, T, Do]``, and the weights when ``return_weights``.
+
+        Raises:
+          ValueError: from the NNX checks, naming the offending numbers.
+        """
+        spec = _abstract_nnx(nnx_kwargs(self, *self._widths(inputs_q, inputs_k, inputs_v)))
+        inputs_q, inputs_k, inputs_v = spec.resolve_inputs(inputs_q, inputs_k, inputs_v)
+        params = self._params(spec)
+        dropout_rng = self._dropout_rng(deterministic)
+        y, weights = modules.attention_forward(
+            params, inputs_q, inputs_k, inputs_v,
+            mask=mask, is_causal=is_causal, scale=self.scale,
+            dropout_rate=0.0 if dropout_rng is None else self.dropout_rate,
+            dropout_rng=dropout_rng,
+            return_weights=return_weights, implementation=self.implementation,
+            dtype=self.dtype, rope=self.rope,
+        )
+        y = y if params["o_bias"] is None else y + params["o_bias"].astype(y.dtype)
+        return (y, weights) if return_weights else y
+
+    def _widths(self, inputs_q, inputs_k, inputs_v) -> tuple[int, int, int]:
+        """``(D, Dk, Dv)``: from the stored kernels when there are any, else the inputs."""
+        inputs_k = inputs_q if inputs_k is None else inputs_k
+        inputs_v = inputs_k if inputs_v is None else inputs_v
+        widths = []
+        for kernel, name, x in zip(_KERNELS, _INPUTS, (inputs_q, inputs_k, inputs_v),
+                                   strict=True):
+            if self.has_variable("params", kernel):  # apply: the parameters fix the width
+                widths.append(jnp.shape(nn.meta.unbox(self.get_variable("params", kernel)))[0])
+                continue
+            if jnp.ndim(x) != 3:
+                raise ValueError(
+                    f"{name} must be [batch, length, features]; got shape {jnp.shape(x)}"
+                )
+            widths.append(jnp.shape(x)[-1])
+        return tuple(widths)
+
+    def _params(self, spec: modules.MultiHeadAttention) -> dict[str, Array | None]:
+        """The parameters by name (``PARAM_AXES`` order), shaped as ``spec``'s; None if absent."""
+        kernel_init = self.kernel_init
+        kernel_init = modules.default_kernel_init() if kernel_init is None else kernel_init
+        params: dict[str, Array | None] = {}
+        for name, (axes, _) in PARAM_AXES.items():
+            abstract = getattr(spec, name)
+            if abstract is None:
+                params[name] = None
+                continue
+            init = kernel_init if name.endswith("_kernel") else self.bias_init
+            params[name] = self.param(
+                name, nn.with_logical_partitioning(_nnx_init(name, init), axes),
+                abstract.shape, self.param_dtype,
+            )
+        return params
+
+    def _dropout_rng(self, deterministic: bool | None) -> Array | None:
+        if self.dropout_rate == 0.0:
+            return None
+        deterministic = self.deterministic if deterministic is None else deterministic
+        if deterministic or (self.is_initializing() and not self.has_rng("dropout")):
+            return None  # init needs no 'dropout' rng: its output is not the point
+        return self.make_rng("dropout")
+
+
+def MultiQueryAttention(num_heads: int, **kwargs) -> MultiHeadAttention:
+    """MQA: a Linen :class:`MultiHeadAttention` with one key/value head."""
+    return MultiHeadAttention(num_heads, num_kv_heads=1, **kwargs)
+
+
+def GroupedQueryAttention(num_heads: int, num_kv_heads: int, **kwargs) -> MultiHeadAttention:
+    """GQA: a Linen :class:`MultiHeadAttention` whose N query heads share K kv heads."""
+    return MultiHeadAttention(num_heads, num_kv_heads=num_kv_heads, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# The NNX module as the single source of configuration checks and shapes
+# ---------------------------------------------------------------------------
+
+
+def nnx_kwargs(
+    module: MultiHeadAttention, in_features: int, in_k_features: int, in_v_features: int
+) -> dict[str, Any]:
+    """Arguments of :class:`attention_jax.modules.MultiHeadAttention` (less ``rngs`` and
+    the initialisers) equivalent to the Linen ``module`` on inputs of these widths."""
+    names = ("num_heads", "num_kv_heads", "head_dim", "v_head_dim", "out_features", "use_bias",
+             "dropout_rate", "dtype", "param_dtype", "implementation", "scale", "rope",
+             "deterministic")
+    return {"in_features": in_features, "in_k_features": in_k_features,
+            "in_v_features": in_v_features, **{n: getattr(module, n) for n in names}}
+
+
+def _nnx_init(name: str, init: Initializer):
+    """``init`` applied exactly as the NNX module applies it to parameter ``name``."""
+
+    def fn(rng: Array, shape: tuple[int, ...], dtype: Any) -> Array:
+        return modules._param(name, init, rng, shape, dtype)[...]
+
+    return fn
+
+
+def _abstract_nnx(kwargs: dict[str, Any]) -> modules.MultiHeadAttention:
+    """The NNX module for ``kwargs`` with abstract parameters (shapes only).
+
+    Building it runs every NNX configuration check and resolves the defaults
+    (H, V, Do). Cached per configuration when ``kwargs`` is hashable.
+    """
+    items = tuple(sorted(kwargs.items()))
+    try:
+        hash(items)
+    except TypeError:
+        return _build_abstract(items)
+    return _cached_abstract(items)
+
+
+def _build_abstract(items: tuple[tuple[str, Any], ...]) -> modules.MultiHeadAttention:
+    return nnx.eval_shape(lambda: modules.MultiHeadAttention(**dict(items), rngs=nnx.Rngs(0)))
+
+
+_cached_abstract = functools.lru_cache(maxsize=256)(_build_abstract)
+
+
+# ---------------------------------------------------------------------------
+# Conversion
+# ---------------------------------------------------------------------------
+
+
+def _as_linen(module_or_config: MultiHeadAttention | Mapping[str, Any]) -> MultiHeadAttention:
+    if isinstance(module_or_config, MultiHeadAttention):
+        return module_or_config
+    if isinstance(module_or_config, Mapping):
+        return MultiHeadAttention(**module_or_config)
+    raise TypeError(
+        "expected an attention_jax.linen.MultiHeadAttention or a mapping of its fields; "
+        f"got {type(module_or_config).__name__}"
+    )
+
+
+def _param_dict(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """The attention parameters from ``{'params': {...}}`` or the inner dict, unboxed."""
+    variables = nn.meta.unbox(variables)
+    params = variables["params"] if "params" in variables else variables
+    return dict(params)
+
+
+def to_nnx(
+    module_or_config: MultiHeadAttention | Mapping[str, Any],
+    variables: Mapping[str, Any],
+    *,
+    rngs: nnx.Rngs | None = None,
+) -> modules.MultiHeadAttention:
+    """The NNX module computing what the Linen module computes with ``variables``.
+
+    Args:
+      module_or_config: the Linen :class:`MultiHeadAttention`, or a mapping of
+        its fields (``{"num_heads": 8, "num_kv_heads": 2, ...}``).
+      variables: ``{'params': {name: array}}`` as ``init`` returns it (boxed or
+        unboxed), or the inner parameter dict, e.g. ``variables['params']['attn']``
+        of a larger model. The input widths are read from the kernels.
+      rngs: the NNX module's ``nnx.Rngs`` (its dropout stream); default
+        ``nnx.Rngs(0)``. Its ``params`` stream is not used for the values.
+
+    Returns:
+      An :class:`attention_jax.modules.MultiHeadAttention` holding the given
+      arrays themselves (no cast, no copy): the same numbers as Linen's ``apply``.
+
+    Raises:
+      ValueError: for missing or unexpected parameters, or shapes that do not
+        match the configuration (naming both shapes).
+    """
+    module = _as_linen(module_or_config)
+    params = _param_dict(variables)
+    expected = [n for n in PARAM_AXES if module.use_bias or n.endswith("_kernel")]
+    missing = [n for n in expected if n not in params]
+    extra = sorted(set(params) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"parameters do not match use_bias={module.use_bias}: missing {missing}, "
+            f"unexpected {extra}"
+        )
+    widths = [jnp.shape(params[n])[0] if jnp.ndim(params[n]) else 0 for n in _KERNELS]
+    zeros = nnx.initializers.zeros_init()  # cheap placeholders, replaced below
+    nnx_module = modules.MultiHeadAttention(
+        **nnx_kwargs(module, *widths), kernel_init=zeros, bias_init=zeros,
+        rngs=nnx.Rngs(0) if rngs is None else rngs,
+    )
+    for name in expected:
+        param, value = getattr(nnx_module, name), params[name]
+        if tuple(jnp.shape(value)) != tuple(param.shape):
+            raise ValueError(
+                f"{name} has shape {tuple(jnp.shape(value))} but num_heads={module.num_heads}, "
+                f"num_kv_heads={nnx_module.num_kv_heads}, head_dim={nnx_module.head_dim}, "
+                f"v_head_dim={nnx_module.v_head_dim} give {tuple(param.shape)}"
+            )
+        param.set_value(jnp.asarray(value))
+    return nnx_module
+
+
+def from_nnx(
+    nnx_module: modules.MultiHeadAttention,
+) -> tuple[MultiHeadAttention, dict[str, dict[str, Array]]]:
+    """The Linen module and unboxed variables computing what ``nnx_module`` computes.
+
+    Every option is carried over (resolved: ``head_dim``, ``v_head_dim`` and
+    ``out_features`` are explicit) except the initialisers, which the NNX module
+    does not keep; the dropout rng comes from Linen's ``'dropout'`` collection.
+
+    Returns:
+      ``(module, {'params': {name: array}})``, the arrays those of ``nnx_module``
+      (no bias entries when ``use_bias=False``). ``nn.get_partition_spec``
+      needs boxed variables: take them from ``jax.eval_shape(module.init, ...)``.
+    """
+    if not isinstance(nnx_module, modules.MultiHeadAttention):
+        raise TypeError(
+            "expected an attention_jax.MultiHeadAttention (NNX); "
+            f"got {type(nnx_module).__name__}"
+        )
+    m = nnx_module
+    linen_module = MultiHeadAttention(
+        m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
+        v_head_dim=m.v_head_dim, out_features=m.out_features, use_bias=m.use_bias,
+        dropout_rate=m.dropout_rate, dtype=m.dtype, param_dtype=m.param_dtype,
+        implementation=m.implementation, scale=m.scale, rope=m.rope,
+        deterministic=m.deterministic,
+    )
+    params = {n: getattr(m, n)[...] for n in PARAM_AXES if getattr(m, n) is not None}
+    return linen_module, {"params": params}
