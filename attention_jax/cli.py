@@ -128,9 +128,13 @@ class CliError(Exception):
 
 
 def console() -> Console:
-    """A rich console on stdout; plain text, ``LOG_WIDTH`` wide, when it is not a terminal."""
+    """A rich console on stdout; plain text, ``LOG_WIDTH`` wide, when it is not a terminal.
+
+    A file or pipe has no width: ``COLUMNS`` (which some launchers set to 80)
+    is ignored there, so tables are never cut to fit it.
+    """
     out = Console()
-    if out.is_terminal or "COLUMNS" in os.environ:
+    if out.is_terminal:
         return out
     return Console(width=LOG_WIDTH)
 
