@@ -35,6 +35,20 @@ without torch. Usage::
     interop.load_linear_weights(
         ours, *[(p.weight, p.bias) for p in (layer.q_proj, layer.k_proj, layer.v_proj,
                                              layer.o_proj)])
+
+The Linear layout round trip, with numpy arrays (GQA: N=4, K=2, H=8, D=32):
+
+>>> import numpy as np
+>>> from flax import nnx
+>>> from attention_jax import GroupedQueryAttention
+>>> m = GroupedQueryAttention(32, 4, 2, rngs=nnx.Rngs(0))
+>>> w = to_linear_weights(m)                      # {"q": (weight, bias), "k": ..., ...}
+>>> w["q"][0].shape, w["k"][0].shape, w["o"][0].shape    # [N*H, D], [K*H, D], [Do, N*V]
+((32, 32), (16, 32), (32, 32))
+>>> m2 = GroupedQueryAttention(32, 4, 2, rngs=nnx.Rngs(1))
+>>> _ = load_linear_weights(m2, **w)
+>>> bool(np.array_equal(m2.k_kernel[...], m.k_kernel[...]))
+True
 """
 
 from __future__ import annotations

@@ -164,6 +164,12 @@ def choose_implementation(
        than the kernel up to T = S = 256, where the kernel is a single block).
     3. Otherwise ``"blockwise"`` (on CPU 1.3x faster at T = S = 384, 2.2x at
        1024, 2.6x at 2048 with B=1; memory linear in T).
+
+    >>> import jax.numpy as jnp
+    >>> q, kv = jnp.ones((1, 2048, 8, 64)), jnp.ones((1, 2048, 2, 64))
+    >>> choose_implementation(q, kv, kv, platform="cpu"), choose_implementation(
+    ...     q[:, :1], kv, kv, platform="cpu")                     # a decode step
+    ('blockwise', 'xla')
     """
     platform = _platform(platform)
     if platform == "gpu" and not cudnn_unsupported_reason(q, k, v, mask, bias, platform="gpu"):
