@@ -84,7 +84,9 @@ def to_torch(x):
     """A JAX array as a torch tensor of the same dtype (float32 or bfloat16)."""
     import torch
 
-    return torch.from_numpy(np.asarray(x, np.float32)).to(getattr(torch, jnp.dtype(x.dtype).name))
+    # a writable copy: numpy views of JAX arrays are read-only, which torch warns about
+    x32 = np.array(x, np.float32)
+    return torch.from_numpy(x32).to(getattr(torch, jnp.dtype(x.dtype).name))
 
 
 # ---------------------------------------------------------------------------

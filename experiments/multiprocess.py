@@ -9,6 +9,15 @@ compares them with the same module run in one process on one device.
 
     python experiments/multiprocess.py                  # launch 2 x 4, compare, print
     python experiments/multiprocess.py --mesh 2 4 --heads 8 2
+    python experiments/multiprocess.py --checkpoint DIR # also: one SGD step, then each
+                                                        # process saves its shards to DIR
+
+With ``--checkpoint`` the workers take one SGD-with-momentum step on the sharded
+model and save parameters and optimizer state with
+:func:`attention_jax.checkpoint.save` (each process writes the shards it holds);
+the launcher restores that checkpoint in its own single process (onto a
+``(1, n)`` mesh of its devices) and compares it with the same step taken
+unsharded.
 
 On a GPU cluster the worker part is what each host runs (one process per host,
 ``initialize()`` with the launcher's settings); see the README.
@@ -77,8 +86,45 @@ def _forward_and_grads(model, x):
     return host(y), float(jax.device_get(loss)), flat, host(g_x)
 
 
+LEARNING_RATE, MOMENTUM = 0.1, 0.9
+
+
+def _optimizer(model):
+    import optax
+    from flax import nnx
+
+    return nnx.Optimizer(model, optax.sgd(LEARNING_RATE, momentum=MOMENTUM), wrt=nnx.Param)
+
+
+def _sgd_step(model, optimizer, x) -> None:
+    """One jit-compiled optimizer step on ``_loss`` (in place)."""
+    from flax import nnx
+
+    @nnx.jit
+    def step(model, optimizer, x):
+        optimizer.update(model, nnx.grad(_loss)(model, x))
+
+    step(model, optimizer, x)
+
+
+def _params_and_opt(model, optimizer) -> dict[str, np.ndarray]:
+    """Parameters and optimizer state as host arrays, keyed by path (``module/`` stripped)."""
+    from flax import nnx
+
+    from attention_jax import distributed
+
+    flat = {}
+    for prefix, state in (("param", nnx.state(model, nnx.Param)),
+                          ("opt", nnx.state(optimizer))):
+        for path, v in nnx.to_flat_state(state):
+            key = "/".join(str(k) for k in path if k != "module")
+            flat[f"{prefix}:{key}"] = distributed.gather_to_host(v[...])
+    return flat
+
+
 def worker(process_id: int, num_processes: int, port: int, cpu_devices: int,
-           mesh_shape: tuple[int, int], heads: tuple[int, int], out: str) -> None:
+           mesh_shape: tuple[int, int], heads: tuple[int, int], out: str,
+           checkpoint_dir: str | None = None) -> None:
     """One process of the cluster."""
     from attention_jax import distributed
 
@@ -101,6 +147,13 @@ def worker(process_id: int, num_processes: int, port: int, cpu_devices: int,
         np.savez(out, y=y, loss=loss, g_x=g_x, **{f"grad:{k}": v for k, v in grads.items()},
                  process_count=info.process_count, global_devices=info.global_device_count,
                  local_devices=info.local_device_count)
+    if checkpoint_dir is not None:
+        from attention_jax import checkpoint
+
+        optimizer = _optimizer(model)
+        _sgd_step(model, optimizer, x)
+        # every process calls save; each writes the shards its devices hold
+        checkpoint.save(checkpoint_dir, model, optimizer, step=1)
     distributed.shutdown()
 
 
@@ -111,12 +164,41 @@ def single_process(heads: tuple[int, int]) -> dict[str, np.ndarray]:
     return {"y": y, "loss": loss, "g_x": g_x, **{f"grad:{k}": v for k, v in grads.items()}}
 
 
+def restore_here(checkpoint_dir: str, heads: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Restores the workers' checkpoint in this process, onto a ``(1, n)`` mesh of its devices."""
+    import jax
+
+    from attention_jax import checkpoint, sharding
+
+    module, _ = _build(heads)
+    n = len(jax.devices())
+    N, K = heads
+    if N % n == 0 and (K % n == 0 or n % K == 0):
+        module = sharding.head_parallel(module, sharding.make_mesh(1, n))
+    optimizer = _optimizer(module)
+    step = checkpoint.restore(checkpoint_dir, module, optimizer)
+    return {"step": np.asarray(step), **_params_and_opt(module, optimizer)}
+
+
+def single_process_step(heads: tuple[int, int]) -> dict[str, np.ndarray]:
+    """The workers' optimizer step taken on one device, unsharded."""
+    module, x = _build(heads)
+    optimizer = _optimizer(module)
+    _sgd_step(module, optimizer, x)
+    return _params_and_opt(module, optimizer)
+
+
 def launch(num_processes: int = 2, cpu_devices: int = 4, mesh_shape=(2, 4), heads=(8, 2),
-           timeout: float = 240.0) -> dict:
+           timeout: float = 240.0, checkpoint_dir: str | None = None) -> dict:
     """Starts the workers on loopback, waits, and compares with one process.
 
+    Args:
+      checkpoint_dir: when given, the workers also take an optimizer step and
+        save it there; this process restores it and compares (``checkpoint_err``).
+
     Returns:
-      ``{"max_abs_err": {name: err}, "loss": ..., "process_count": ..., ...}``.
+      ``{"max_abs_err": {name: err}, "loss": ..., "process_count": ..., ...}``
+      (and ``"checkpoint_err": {name: err}`` with ``checkpoint_dir``).
     """
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -127,7 +209,8 @@ def launch(num_processes: int = 2, cpu_devices: int = 4, mesh_shape=(2, 4), head
             subprocess.Popen(
                 [sys.executable, __file__, "--worker", str(i), "--num-processes",
                  str(num_processes), "--port", str(port), "--cpu-devices", str(cpu_devices),
-                 "--mesh", *map(str, mesh_shape), "--heads", *map(str, heads), "--out", out],
+                 "--mesh", *map(str, mesh_shape), "--heads", *map(str, heads), "--out", out,
+                 *([] if checkpoint_dir is None else ["--checkpoint", str(checkpoint_dir)])],
                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             )
             for i in range(num_processes)
@@ -144,7 +227,15 @@ def launch(num_processes: int = 2, cpu_devices: int = 4, mesh_shape=(2, 4), head
         got = dict(np.load(out))
     ref = single_process(heads)
     errs = {k: float(np.max(np.abs(got[k] - ref[k]))) for k in ref}
-    return {"mesh": list(mesh_shape), "heads": list(heads),
+    extra = {}
+    if checkpoint_dir is not None:
+        restored, expected = restore_here(str(checkpoint_dir), heads), single_process_step(heads)
+        if set(restored) - {"step"} != set(expected):
+            raise RuntimeError(f"restored {sorted(restored)} but expected {sorted(expected)}")
+        extra["checkpoint_step"] = int(restored["step"])
+        extra["checkpoint_err"] = {k: float(np.max(np.abs(restored[k] - expected[k])))
+                                   for k in expected}
+    return {**extra, "mesh": list(mesh_shape), "heads": list(heads),
             "process_count": int(got["process_count"]),
             "global_devices": int(got["global_devices"]),
             "local_devices": int(got["local_devices"]),
@@ -161,12 +252,16 @@ def main(argv=None) -> None:
     parser.add_argument("--cpu-devices", type=int, default=4, help="CPU devices per process")
     parser.add_argument("--mesh", type=int, nargs=2, default=(2, 4), metavar=("DATA", "MODEL"))
     parser.add_argument("--heads", type=int, nargs=2, default=(8, 2), metavar=("N", "K"))
+    parser.add_argument("--checkpoint", default=None, metavar="DIR",
+                        help="also take an SGD step, save it from every process to DIR, "
+                             "restore it here and compare")
     args = parser.parse_args(argv)
     if args.worker is not None:
         worker(args.worker, args.num_processes, args.port, args.cpu_devices,
-               tuple(args.mesh), tuple(args.heads), args.out)
+               tuple(args.mesh), tuple(args.heads), args.out, args.checkpoint)
         return
-    result = launch(args.num_processes, args.cpu_devices, tuple(args.mesh), tuple(args.heads))
+    result = launch(args.num_processes, args.cpu_devices, tuple(args.mesh), tuple(args.heads),
+                    checkpoint_dir=args.checkpoint)
     print(json.dumps(result, indent=2))
 
 

@@ -19,9 +19,21 @@ def _experiment():
     return module
 
 
-def test_two_processes_equal_one():
+def test_two_processes_equal_one(tmp_path):
+    """Forward and gradients across 2 processes, then a checkpoint written by both.
+
+    The workers take one SGD-with-momentum step and each saves its own shards;
+    this process (8 devices, mesh (1, 8)) restores them and must find the same
+    parameters and momentum as the step taken on one device.
+    """
     result = _experiment().launch(num_processes=2, cpu_devices=4, mesh_shape=(2, 4),
-                                  heads=(8, 2))
+                                  heads=(8, 2), checkpoint_dir=tmp_path / "ckpt")
+    assert result["checkpoint_step"] == 1
+    restored = result["checkpoint_err"]
+    assert {"param:q_kernel", "param:k_kernel", "param:o_bias", "opt:step"} <= set(restored)
+    assert any(k.startswith("opt:opt_state") and "q_kernel" in k for k in restored), restored
+    for name, err in restored.items():
+        assert err < ATOL_F32, (name, err)
     assert (result["process_count"], result["global_devices"], result["local_devices"]) == (2, 8, 4)
     # forward output, loss, input gradient and every parameter gradient
     names = set(result["max_abs_err"])
