@@ -205,23 +205,33 @@ def attention_core(
     *,
     is_causal: bool = False,
     scale: float | None = None,
+    logits_fn: Callable[..., Array] | None = None,
+    combine_fn: Callable[..., Array] | None = None,
 ) -> Array:
     """The einsum ("xla") implementation without dropout or returned weights.
 
-    Operands are already validated by :func:`dot_product_attention`; this is the
-    signature a registered implementation must have.
+    Operands are already validated by :func:`dot_product_attention`; this
+    signature up to ``scale`` is the one a registered implementation must have.
+
+    Args:
+      logits_fn, combine_fn: replacements for :func:`attention_logits` and
+        :func:`combine_values` (same signatures and results) that contract in
+        another way; masks, bias and the softmax stay these. Used by
+        :mod:`attention_jax.kernels.decode`.
     """
-    out, _ = _einsum_attention(q, k, v, mask, bias, is_causal=is_causal, scale=scale)
+    out, _ = _einsum_attention(q, k, v, mask, bias, is_causal=is_causal, scale=scale,
+                               logits_fn=logits_fn, combine_fn=combine_fn)
     return out
 
 
 def _einsum_attention(
-    q, k, v, mask, bias, *, is_causal, scale, dropout_rate=0.0, dropout_rng=None
+    q, k, v, mask, bias, *, is_causal, scale, dropout_rate=0.0, dropout_rng=None,
+    logits_fn=None, combine_fn=None,
 ) -> tuple[Array, Array]:
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     shape = (B, N, T, S)
-    logits = attention_logits(q, k, scale=scale)  # [B, K, G, T, S]
+    logits = (logits_fn or attention_logits)(q, k, scale=scale)  # [B, K, G, T, S]
     if bias is not None:
         logits = logits + _grouped(bias.astype(jnp.float32), shape, K)
     full_mask = None if mask is None else _grouped(mask.astype(bool), shape, K)
@@ -232,7 +242,7 @@ def _einsum_attention(
     if dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-    out = combine_values(weights, v, q.dtype)  # [B, T, N, V]
+    out = (combine_fn or combine_values)(weights, v, q.dtype)  # [B, T, N, V]
     return out, weights
 
 
