@@ -358,6 +358,13 @@ def cached_attention(
       ``(out [B, t, N, V] in q's dtype, updated cache)``.
     """
     t = q.shape[1]
+    contraction = _step_contraction(q, cache, implementation)
+    if contraction is not None:
+        out = _step_attention(q, k_new, v_new, cache, valid_lengths=valid_lengths, mask=mask,
+                              scale=scale, kv_heads=kv_heads, flat=contraction == "decode")
+        # Every read of the old cache is done before the in-place write starts.
+        out, cache = jax.lax.optimization_barrier((out, cache))
+        return out, update(cache, k_new, v_new, valid_lengths)
     new_cache = update(cache, k_new, v_new, valid_lengths)
     full_mask = masks.combine_masks(
         decode_mask(cache.lengths, t, cache.max_length, valid_lengths), mask
@@ -368,3 +375,113 @@ def cached_attention(
         q, k, v, full_mask, scale=scale, implementation=implementation
     )
     return out, new_cache
+
+
+# ---------------------------------------------------------------------------
+# The step path: attend to the old cache and the new tokens, never to the update
+# ---------------------------------------------------------------------------
+
+
+def _step_contraction(q: Array, cache: KVCache, implementation: str | None) -> str | None:
+    """``"xla"`` or ``"decode"`` when a step takes the two-part path, None for the general one.
+
+    A step (few query rows, ``t * N <= AUTO_DECODE_MAX_ROWS``) under ``"auto"``
+    takes it with the contraction ``auto`` would pick for those shapes (the
+    in-place ``"decode"`` one on CPU, einsum elsewhere); ``"xla"`` and
+    ``"decode"`` always do. ``"blockwise"``, ``"cudnn"`` and larger prefills
+    attend to the updated cache through :func:`ops.dot_product_attention`.
+    """
+    from attention_jax.kernels import dispatch
+
+    impl = implementation or ops.default_implementation()
+    if impl in ("xla", "decode"):
+        return impl
+    if impl != "auto" or q.shape[1] * q.shape[2] > dispatch.AUTO_DECODE_MAX_ROWS:
+        return None
+    k = jax.ShapeDtypeStruct(cache.k.shape, q.dtype)
+    v = jax.ShapeDtypeStruct(cache.v.shape, q.dtype)
+    return "decode" if dispatch.choose_implementation(q, k, v) == "decode" else "xla"
+
+
+def _stored(cache: KVCache, x: Array, dtype: Any) -> Array:
+    """New keys or values as the cache will give them back (int8 round trip, cache dtype)."""
+    if cache.quantized:
+        return dequantize_int8(*quantize_int8(x), dtype)
+    return x.astype(cache.k.dtype).astype(dtype)
+
+
+def _step_attention(
+    q: Array,
+    k_new: Array,
+    v_new: Array,
+    cache: KVCache,
+    *,
+    valid_lengths: Array | None,
+    mask: Array | None,
+    scale: float | None,
+    kv_heads: tuple[Array | int, int] | None,
+    flat: bool,
+) -> Array:
+    """:func:`cached_attention`'s output computed from the cache *before* the update.
+
+    Reading the updated buffer would make XLA keep two versions of the whole
+    cache (the in-place update and a copy to read), copying it several times a
+    step; here the step reads the old cache once and the t new tokens apart:
+
+    * old key ``s`` (``[B, L]``): visible iff ``s < lengths[b]`` (every stored
+      token precedes every new query) and the extra mask allows position s;
+    * new key ``j`` (``[B, t]``): visible to query ``i`` iff ``j <= i``,
+      ``j < valid_lengths[b]`` and ``lengths[b] + j < L`` (it gets stored), and
+      the extra mask allows position ``lengths[b] + j``.
+
+    One softmax runs over both parts (float32), the same masks and weights as
+    the general path, so the results agree with it to rounding.
+
+    Returns:
+      ``[B, t, N, V]`` in q's dtype.
+    """
+    from attention_jax.kernels import decode
+
+    B, t, N, _ = q.shape
+    L = cache.max_length
+    valid = _valid_lengths(valid_lengths, B, t)
+    k_in, v_in = _stored(cache, k_new, q.dtype), _stored(cache, v_new, q.dtype)
+    old = cache
+    if kv_heads is not None:
+        old = select_kv_heads(cache, *kv_heads)
+        first, count = kv_heads
+        k_in, v_in = (jax.lax.dynamic_slice_in_dim(x, first, count, axis=2) for x in (k_in, v_in))
+    k_old, v_old = read(old, q.dtype)  # [B, L, K, H], [B, L, K, V]
+
+    lengths = cache.lengths
+    j = jnp.arange(t, dtype=jnp.int32)
+    stored = (j[None, :] < valid[:, None]) & (lengths[:, None] + j[None, :] < L)  # [B, t]
+    mask_old = masks.padding_mask(lengths, L)  # [B, 1, 1, L]
+    mask_new = (j[None, :] <= j[:, None])[None, None] & stored[:, None, None, :]  # [B,1,t,t]
+    if mask is not None:
+        extra = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape)).astype(bool)
+        extra = jnp.broadcast_to(extra, (*extra.shape[:3], L))  # [B|1, N|1, t|1, L]
+        where = jnp.minimum(lengths[:, None] + j[None, :], L - 1)  # [B, t]
+        eb, en, et, _ = extra.shape
+        extra_new = jnp.take_along_axis(
+            jnp.broadcast_to(extra, (B, en, et, L)),
+            jnp.broadcast_to(where[:, None, None, :], (B, en, et, t)), axis=-1,
+        )  # [B, N|1, t|1, t]
+        mask_old, mask_new = mask_old & extra, mask_new & extra_new
+    Nm = N if mask_old.shape[1] == N or mask_new.shape[1] == N else 1
+    full = jnp.concatenate(
+        [jnp.broadcast_to(mask_old, (B, Nm, t, L)), jnp.broadcast_to(mask_new, (B, Nm, t, t))],
+        axis=-1,
+    )  # [B, N|1, t, L + t]
+    K = k_old.shape[2]
+    full = ops._grouped(full, (B, N, t, L + t), K)  # [B, K|1, G|1, t, L + t]
+
+    logits_fn = decode.flat_logits if flat else ops.attention_logits
+    combine_fn = decode.flat_combine if flat else ops.combine_values
+    logits = jnp.concatenate(
+        [logits_fn(q, k_old, scale=scale), ops.attention_logits(q, k_in, scale=scale)], axis=-1
+    )  # [B, K, G, t, L + t] float32
+    weights = ops.attention_weights(logits, full)
+    out = (combine_fn(weights[..., :L], v_old, jnp.float32)
+           + ops.combine_values(weights[..., L:], v_in, jnp.float32))  # [B, t, N, V]
+    return out.astype(q.dtype)

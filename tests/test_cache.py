@@ -63,7 +63,19 @@ def test_token_by_token_equals_full_forward(variant, rope, jit):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_ragged_prefill_then_steps_equals_full_forward(variant, rope, jit):
     """Right-padded prompts of lengths 2, 5, 3; then a 2-token chunk; then a single step."""
-    m = _module(variant, ROPE[rope])
+    _check_ragged(variant, rope, jit, implementation=None)
+
+
+# "auto"/"xla"/"decode" decode steps read the old cache and the new tokens apart
+# (cache._step_attention); "blockwise" attends to the updated cache (the general path).
+@pytest.mark.parametrize("implementation", ["xla", "decode", "blockwise"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_both_decode_paths_equal_full_forward(variant, implementation):
+    _check_ragged(variant, "rope", True, implementation=implementation)
+
+
+def _check_ragged(variant, rope, jit, *, implementation):
+    m = _module(variant, ROPE[rope], implementation=implementation)
     prompt = np.array([2, 5, 3])
     P, n_after = int(prompt.max()), 3
     seqs = jax.random.normal(jax.random.key(2), (B, P + n_after, D))
