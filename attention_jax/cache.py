@@ -35,6 +35,12 @@ and the queries of dropped tokens attend to the stored keys only (their outputs
 then differ from a full forward). Size L for the longest sequence, or call
 :func:`check_capacity` on concrete lengths between jitted steps.
 
+**Steps read the old cache.** A step with few query rows (``t * N <= 64``
+under ``"auto"``, or any t with ``implementation="xla"`` / ``"decode"``)
+attends to the cache as it was plus its own t new keys, one softmax over both,
+and writes the new keys after every read; larger prefills (and ``"blockwise"``
+/ ``"cudnn"``) attend to the updated cache. Both give the same numbers.
+
 **int8 caches** (``dtype=jnp.int8``) store ``round(x / s)`` with a symmetric scale
 ``s = max|x| / 127`` per token and head (over H), the scale in bfloat16, and
 dequantize on read. The element error is at most about ``s / 2`` (one half
