@@ -480,7 +480,7 @@ def _step_attention(
         axis=-1,
     )  # [B, N|1, t, L + t]
     K = k_old.shape[2]
-    full = ops._grouped(full, (B, N, t, L + t), K)  # [B, K|1, G|1, t, L + t]
+    full = ops.group_heads(full, (B, N, t, L + t), K)  # [B, K|1, G|1, t, L + t]
 
     logits_fn = decode.flat_logits if flat else ops.attention_logits
     combine_fn = decode.flat_combine if flat else ops.combine_values

@@ -246,7 +246,7 @@ def _nnx_init(name: str, init: Initializer):
     """``init`` applied exactly as the NNX module applies it to parameter ``name``."""
 
     def fn(rng: Array, shape: tuple[int, ...], dtype: Any) -> Array:
-        return modules._param(name, init, rng, shape, dtype)[...]
+        return modules.init_param_value(name, init, rng, shape, dtype)
 
     return fn
 

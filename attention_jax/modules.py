@@ -58,15 +58,25 @@ def default_kernel_init() -> Initializer:
     return nnx.initializers.lecun_normal()
 
 
-def _param(name: str, init: Initializer, rng: Array, shape: tuple[int, ...], dtype) -> nnx.Param:
-    """A Param built by ``init`` on its 2-D ``[fan_in, fan_out]`` view (kernels) or as is."""
-    axes, n_in = PARAM_AXES[name]
+def init_param_value(name: str, init: Initializer, rng: Array, shape: tuple[int, ...],
+                     dtype) -> Array:
+    """Parameter ``name``'s initial value: ``init`` on its 2-D ``[fan_in, fan_out]`` view.
+
+    Kernels are initialised as the matrix they multiply by (so fan-in based
+    initialisers see ``D``, not ``D`` and ``N`` apart); biases as they are.
+    Shared by the NNX module and :mod:`attention_jax.linen`.
+    """
+    _, n_in = PARAM_AXES[name]
     if n_in:
         flat = (math.prod(shape[:n_in]), math.prod(shape[n_in:]))
-        value = init(rng, flat, dtype).reshape(shape)
-    else:
-        value = init(rng, shape, dtype)
-    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+        return init(rng, flat, dtype).reshape(shape)
+    return init(rng, shape, dtype)
+
+
+def _param(name: str, init: Initializer, rng: Array, shape: tuple[int, ...], dtype) -> nnx.Param:
+    """:func:`init_param_value` as an ``nnx.Param`` with its logical axis names."""
+    value = init_param_value(name, init, rng, shape, dtype)
+    return nnx.Param(value, out_sharding=PARAM_AXES[name][0], eager_sharding=False)
 
 
 class MultiHeadAttention(nnx.Module):
@@ -276,7 +286,13 @@ class MultiHeadAttention(nnx.Module):
         params = {name: getattr(self, name) for name in PARAM_AXES}
         return {name: None if p is None else p[...] for name, p in params.items()}
 
-    def _dropout_rng(self, deterministic: bool | None) -> Array | None:
+    def dropout_key(self, deterministic: bool | None = None) -> Array | None:
+        """A fresh dropout key, or None when dropout is off for this call.
+
+        Off when ``dropout_rate == 0`` or when deterministic (the argument, else
+        the module's ``deterministic``). Every path that runs this module's math
+        (single device, head parallel) draws its key here.
+        """
         if self.dropout_rate == 0.0:
             return None
         deterministic = self.deterministic if deterministic is None else deterministic
@@ -314,7 +330,7 @@ class MultiHeadAttention(nnx.Module):
         """
         inputs_q, inputs_k, inputs_v = self.resolve_inputs(inputs_q, inputs_k, inputs_v)
         params = self._params()
-        dropout_rng = self._dropout_rng(deterministic)
+        dropout_rng = self.dropout_key(deterministic)
         y, weights = attention_forward(
             params, inputs_q, inputs_k, inputs_v,
             mask=mask, is_causal=is_causal, scale=self.scale,

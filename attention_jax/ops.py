@@ -112,7 +112,7 @@ def _check_broadcast(name: str, x: Array | None, shape: tuple[int, ...]) -> None
         )
 
 
-def _grouped(x: Array, shape: tuple[int, int, int, int], K: int) -> Array:
+def group_heads(x: Array, shape: tuple[int, int, int, int], K: int) -> Array:
     """Broadcasts ``x`` (to ``[B, N, T, S]``) and splits N into ``[K, G]``.
 
     A head dimension of 1 stays 1 (no copy per head): ``[B|1, K|1, G|1, T|1, S|1]``.
@@ -233,8 +233,8 @@ def _einsum_attention(
     shape = (B, N, T, S)
     logits = (logits_fn or attention_logits)(q, k, scale=scale)  # [B, K, G, T, S]
     if bias is not None:
-        logits = logits + _grouped(bias.astype(jnp.float32), shape, K)
-    full_mask = None if mask is None else _grouped(mask.astype(bool), shape, K)
+        logits = logits + group_heads(bias.astype(jnp.float32), shape, K)
+    full_mask = None if mask is None else group_heads(mask.astype(bool), shape, K)
     if is_causal:
         causal = causal_block(T, S)  # [T, S]
         full_mask = causal if full_mask is None else full_mask & causal

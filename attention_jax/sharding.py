@@ -634,7 +634,7 @@ class HeadParallelAttention(nnx.Module):
             mask = _mask_4d(mask, (B, module.num_heads, T, S))
         params = {name: None if getattr(module, name) is None else getattr(module, name)[...]
                   for name in PARAM_AXES}
-        rng = module._dropout_rng(deterministic)
+        rng = module.dropout_key(deterministic)
         kwargs = dict(
             is_causal=is_causal, scale=module.scale,
             dropout_rate=0.0 if rng is None else module.dropout_rate,
