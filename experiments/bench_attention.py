@@ -64,6 +64,7 @@ SHAPES = {
     "sweep": dict(B=1, N=8, K=8, H=64),
     "memory": dict(B=1, N=8, H=64),
     "largest": dict(B=1, T=32768, N=8, H=64),
+    "remat": dict(B=1, T=2048, N=8, H=64, L=4),
 }
 TINY_SHAPES = {
     "core": dict(B=1, T=64, N=4, K=4, H=16),
@@ -72,6 +73,7 @@ TINY_SHAPES = {
     "sweep": dict(B=1, N=4, K=4, H=16),
     "memory": dict(B=1, N=4, H=16),
     "largest": dict(B=1, T=1024, N=4, H=16),
+    "remat": dict(B=1, T=64, N=4, H=16, L=2),
 }
 
 
@@ -338,6 +340,59 @@ def section_largest(args, bar):
             "temp_bytes": temp_bytes("blockwise", B, T, N, H, dtype=args.dtype)}
 
 
+def _stack_loss(impl, remat, layers):
+    """Sum over ``layers`` residual attention layers ``x = x + attn(x, x, x)`` ([B, T, N, H])."""
+    def loss(x):
+        for _ in range(layers):
+            x = x + ops.dot_product_attention(x, x, x, is_causal=True, implementation=impl,
+                                              remat=remat)
+        return x.astype(jnp.float32).sum()
+
+    return loss
+
+
+def section_remat(args, bar):
+    """``remat=True`` (jax.checkpoint of the attention) on a stack of layers: memory and time."""
+    B, T, N, H, layers = _shape(args, "remat", "BTNHL")
+    x = random_qkv(B, T, T, N, N, H, args.dtype)[0]
+    rows, cases = [], {}
+    for impl in ("xla", "blockwise"):
+        for remat in (False, True):
+            grad = jax.jit(jax.grad(_stack_loss(impl, remat, layers)))
+            temp = int(grad.lower(x).compile().memory_analysis().temp_size_in_bytes)
+            name = f"{impl}{' remat' if remat else ''}"
+            cases[name] = (lambda g=grad: _ready(g(x)))
+            rows.append({"contender": name, "temp_bytes": temp})
+    res = interleaved(cases, args.reps, bar)
+    for row in rows:
+        row.update(median_ms=res[row["contender"]]["median_ms"],
+                   min_ms=res[row["contender"]]["min_ms"])
+    return {"shape": dict(B=B, T=T, N=N, H=H, layers=layers, dtype=args.dtype, causal=True,
+                          what="jit(grad) of a residual stack"), "rows": rows}
+
+
+def section_precision(args, bar):
+    """The core forward+backward in float32 and bfloat16 (softmax in float32 either way)."""
+    B, T, N, K, H = _shape(args, "core", "BTNKH")
+    q, k, v = random_qkv(B, T, T, N, K, H, jnp.float32)
+    want = ops.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    rows, cases = [], {}
+    for impl in ("xla", "blockwise", "auto"):
+        for dtype in ("float32", "bfloat16"):
+            qd, kd, vd = (x.astype(dtype) for x in (q, k, v))
+            got = ops.dot_product_attention(qd, kd, vd, is_causal=True, implementation=impl)
+            err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)))
+            _, bwd = jax_core_cases(impl, qd, kd, vd, True)
+            cases[f"{impl} {dtype}"] = bwd
+            rows.append({"contender": f"{impl} {dtype}", "max_err_vs_f32_xla": err})
+    res = interleaved(cases, args.reps, bar)
+    for row in rows:
+        row.update(median_ms=res[row["contender"]]["median_ms"],
+                   min_ms=res[row["contender"]]["min_ms"])
+    return {"shape": dict(B=B, T=T, N=N, K=K, H=H, causal=True, what="fwd+bwd"),
+            "rows": rows}
+
+
 SECTIONS = {
     "core": (section_core, lambda a: 4 * a.reps),
     "module": (section_module, lambda a: 4 * a.reps),
@@ -345,6 +400,8 @@ SECTIONS = {
     "sweep": (section_sweep, lambda a: 2 * len(a.sweep_T) * a.sweep_reps),
     "memory": (section_memory, lambda a: len(a.memory_T)),
     "largest": (section_largest, lambda a: 1),
+    "remat": (section_remat, lambda a: a.reps),
+    "precision": (section_precision, lambda a: a.reps),
 }
 
 
@@ -441,6 +498,13 @@ def summary_tables(results):
             {"T": row["T"], "xla MiB": row["xla"] / 2**20,
              "blockwise MiB": row["blockwise"] / 2**20}
             for row in results["memory"]["rows"]]))
+    for sec, title in (("remat", "remat: jit(grad) of a residual attention stack"),
+                       ("precision", "precision: core fwd+bwd, causal")):
+        if sec in results:
+            tables.append((f"{title}; {_shape_text(results[sec])}", [
+                {("temp MiB" if k == "temp_bytes" else k): (v / 2**20 if k == "temp_bytes" else v)
+                 for k, v in row.items()}
+                for row in results[sec]["rows"]]))
     if "largest" in results:
         lg = results["largest"]
         tables.append(("largest: blockwise fwd+bwd", [

@@ -157,8 +157,8 @@ def test_demo_default_subcommand_bfloat16_two_devices(tmp_path):
 
 def test_bench_tiny_bfloat16(tmp_path):
     pytest.importorskip("torch")
-    proc = _run("bench", "--tiny", "--sections", "core", "memory", "--reps", "1", "--no-plot",
-                "--dtype", "bfloat16", "--out", str(tmp_path))
+    proc = _run("bench", "--tiny", "--sections", "core", "memory", "remat", "precision",
+                "--reps", "1", "--no-plot", "--dtype", "bfloat16", "--out", str(tmp_path))
     saved = json.loads((tmp_path / "bench_attention_cpu.json").read_text())
     assert saved["meta"]["dtype"] == "bfloat16" and saved["meta"]["tiny"]
     core = saved["core"]
@@ -171,6 +171,12 @@ def test_bench_tiny_bfloat16(tmp_path):
     assert [r["T"] for r in rows] == [64, 128]
     assert all(r["xla"] > 0 and r["blockwise"] > 0 for r in rows)
     assert "contender" in proc.stdout and "blockwise MiB" in proc.stdout
+    remat = {r["contender"]: r for r in saved["remat"]["rows"]}
+    assert set(remat) == {"xla", "xla remat", "blockwise", "blockwise remat"}
+    assert all(r["temp_bytes"] > 0 and r["median_ms"] > 0 for r in remat.values())
+    precision = {r["contender"]: r for r in saved["precision"]["rows"]}
+    assert precision["xla float32"]["max_err_vs_f32_xla"] == 0.0
+    assert 0 < precision["auto bfloat16"]["max_err_vs_f32_xla"] < 0.1  # bf16 rounding, no more
 
 
 def test_decode_tiny_bfloat16(tmp_path):
