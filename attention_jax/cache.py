@@ -38,7 +38,7 @@ then differ from a full forward). Size L for the longest sequence, or call
 **Steps read the old cache.** A step with few query rows (``t * N <= 64``
 under ``"auto"``, or any t with ``implementation="xla"`` / ``"decode"``)
 attends to the cache as it was plus its own t new keys, one softmax over both,
-and writes the new keys after every read; larger prefills (and ``"blockwise"``
+so nothing in the step reads the updated buffer; larger prefills (and ``"blockwise"``
 / ``"cudnn"``) attend to the updated cache. Both give the same numbers.
 
 **int8 caches** (``dtype=jnp.int8``) store ``round(x / s)`` with a symmetric scale
@@ -368,8 +368,6 @@ def cached_attention(
     if contraction is not None:
         out = _step_attention(q, k_new, v_new, cache, valid_lengths=valid_lengths, mask=mask,
                               scale=scale, kv_heads=kv_heads, flat=contraction == "decode")
-        # Every read of the old cache is done before the in-place write starts.
-        out, cache = jax.lax.optimization_barrier((out, cache))
         return out, update(cache, k_new, v_new, valid_lengths)
     new_cache = update(cache, k_new, v_new, valid_lengths)
     full_mask = masks.combine_masks(
