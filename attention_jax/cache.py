@@ -198,7 +198,12 @@ def _is_concrete(*xs: Array | int) -> bool:
     return True
 
 
-def _valid_lengths(valid_lengths: Array | None, batch: int, t: int) -> Array:
+def resolve_valid_lengths(valid_lengths: Array | None, batch: int, t: int) -> Array:
+    """``[B]`` int32 real tokens per row among t new ones: the given ones checked, or all t.
+
+    Raises:
+      ValueError: for a shape other than ``[batch]``, or (eagerly) a value outside ``[0, t]``.
+    """
     if valid_lengths is None:
         return jnp.full((batch,), t, jnp.int32)
     valid_lengths = jnp.asarray(valid_lengths, jnp.int32)
@@ -266,7 +271,7 @@ def update(cache: KVCache, k_new: Array, v_new: Array,
             f"new keys {k_new.shape} / values {v_new.shape} do not fit the cache "
             f"k {cache.k.shape} / v {cache.v.shape}: expected {expected[0]} / {expected[1]}"
         )
-    valid = _valid_lengths(valid_lengths, B, t)
+    valid = resolve_valid_lengths(valid_lengths, B, t)
     check_capacity(cache, valid)
     L = cache.max_length
     pos = positions(cache, t)  # [B, t]
@@ -310,7 +315,7 @@ def decode_mask(lengths: Array, t: int, max_length: int,
       ``s <= lengths[b] + i`` and ``s < min(lengths[b] + valid_lengths[b], L)``.
     """
     lengths = jnp.asarray(lengths, jnp.int32)
-    valid = _valid_lengths(valid_lengths, lengths.shape[0], t)
+    valid = resolve_valid_lengths(valid_lengths, lengths.shape[0], t)
     stored = jnp.minimum(lengths + valid, max_length)
     return masks.combine_masks(
         masks.causal_mask(t, max_length, offset=lengths),  # [B, 1, t, L]
@@ -448,7 +453,7 @@ def _step_attention(
 
     B, t, N, _ = q.shape
     L = cache.max_length
-    valid = _valid_lengths(valid_lengths, B, t)
+    valid = resolve_valid_lengths(valid_lengths, B, t)
     k_in, v_in = _stored(cache, k_new, q.dtype), _stored(cache, v_new, q.dtype)
     old = cache
     if kv_heads is not None:
@@ -461,7 +466,7 @@ def _step_attention(
     j = jnp.arange(t, dtype=jnp.int32)
     stored = (j[None, :] < valid[:, None]) & (lengths[:, None] + j[None, :] < L)  # [B, t]
     mask_old = masks.padding_mask(lengths, L)  # [B, 1, 1, L]
-    mask_new = (j[None, :] <= j[:, None])[None, None] & stored[:, None, None, :]  # [B,1,t,t]
+    mask_new = ops.causal_block(t, t)[None, None] & stored[:, None, None, :]  # [B, 1, t, t]
     if mask is not None:
         extra = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape)).astype(bool)
         extra = jnp.broadcast_to(extra, (*extra.shape[:3], L))  # [B|1, N|1, t|1, L]

@@ -169,7 +169,7 @@ class MultiHeadAttention(nn.Module):
             return_weights=return_weights, implementation=self.implementation,
             dtype=self.dtype, rope=self.rope,
         )
-        y = y if params["o_bias"] is None else y + params["o_bias"].astype(y.dtype)
+        y = modules.add_output_bias(y, params)
         return (y, weights) if return_weights else y
 
     def _widths(self, inputs_q, inputs_k, inputs_v) -> tuple[int, int, int]:

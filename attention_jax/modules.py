@@ -281,7 +281,7 @@ class MultiHeadAttention(nnx.Module):
         if deterministic is not None:
             self.deterministic = deterministic
 
-    def _params(self) -> dict[str, Array | None]:
+    def param_values(self) -> dict[str, Array | None]:
         """Parameter values by name (``PARAM_AXES`` order), None for absent biases."""
         params = {name: getattr(self, name) for name in PARAM_AXES}
         return {name: None if p is None else p[...] for name, p in params.items()}
@@ -329,7 +329,7 @@ class MultiHeadAttention(nnx.Module):
           ``[B, T, Do]``, and the weights when ``return_weights``.
         """
         inputs_q, inputs_k, inputs_v = self.resolve_inputs(inputs_q, inputs_k, inputs_v)
-        params = self._params()
+        params = self.param_values()
         dropout_rng = self.dropout_key(deterministic)
         y, weights = attention_forward(
             params, inputs_q, inputs_k, inputs_v,
@@ -339,7 +339,7 @@ class MultiHeadAttention(nnx.Module):
             return_weights=return_weights, implementation=self.implementation,
             dtype=self.dtype, rope=self.rope,
         )
-        y = y if params["o_bias"] is None else y + params["o_bias"].astype(y.dtype)
+        y = add_output_bias(y, params)
         return (y, weights) if return_weights else y
 
     # -- decoding ----------------------------------------------------------
@@ -390,12 +390,12 @@ class MultiHeadAttention(nnx.Module):
           ValueError: when eager and a row would pass the cache's ``max_length``.
         """
         self.check_decode_inputs(x, cache)
-        params = self._params()
+        params = self.param_values()
         y, cache = decode_forward(
             params, x, cache, mask=mask, valid_lengths=valid_lengths, scale=self.scale,
             rope=self.rope, implementation=self.implementation, dtype=self.dtype,
         )
-        y = y if params["o_bias"] is None else y + params["o_bias"].astype(y.dtype)
+        y = add_output_bias(y, params)
         return y, cache
 
 
@@ -443,6 +443,15 @@ def attention_forward(
     )
     out, weights = out if return_weights else (out, None)
     return ops.merge_heads(out, p["o_kernel"]), weights  # [B, T, Do]
+
+
+def add_output_bias(y: Array, params: dict[str, Array | None]) -> Array:
+    """``y + o_bias`` (in y's dtype), or ``y`` for a module without biases.
+
+    Every path adds it once, after the heads' partial outputs are summed
+    (on one device, after :func:`attention_forward`; head parallel, after the psum).
+    """
+    return y if params["o_bias"] is None else y + params["o_bias"].astype(y.dtype)
 
 
 def _cast_params(params: dict[str, Array | None], *inputs: Array, dtype: Any

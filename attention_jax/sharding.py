@@ -310,8 +310,7 @@ def _local_forward(
         params, xq, xk, xv, mask=mask, dropout_rng=dropout_rng, **forward_kwargs
     )
     y = jax.lax.psum(y, MODEL)  # [B/data, T, Do]: the only communication
-    if params["o_bias"] is not None:
-        y = y + params["o_bias"].astype(y.dtype)
+    y = modules.add_output_bias(y, params)
     return y, weights
 
 
@@ -493,7 +492,7 @@ def shard_cache(cache: KVCache, module: modules.MultiHeadAttention, mesh: Mesh) 
       ValueError: when the batch does not divide over ``data`` or the cache's
         heads do not fit the module.
     """
-    _check_cache_batch(cache.batch_size, mesh)
+    _check_batch(cache.batch_size, mesh)
     if cache.num_kv_heads != module.num_kv_heads:
         raise ValueError(
             f"the cache holds {cache.num_kv_heads} kv heads but the module has "
@@ -503,7 +502,7 @@ def shard_cache(cache: KVCache, module: modules.MultiHeadAttention, mesh: Mesh) 
     return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), cache, specs)
 
 
-def _check_cache_batch(batch: int, mesh: Mesh) -> None:
+def _check_batch(batch: int, mesh: Mesh) -> None:
     data = _axis_size(mesh, DATA)
     if batch % data:
         raise ValueError(f"batch size {batch} is not divisible by the data axis size {data}")
@@ -544,8 +543,7 @@ def _local_decode(
         **decode_kwargs,
     )
     y = jax.lax.psum(y, MODEL)  # [B/data, t, Do]: the only communication
-    if params["o_bias"] is not None:
-        y = y + params["o_bias"].astype(y.dtype)
+    y = modules.add_output_bias(y, params)
     return y, cache
 
 
@@ -627,13 +625,10 @@ class HeadParallelAttention(nnx.Module):
         # distinct operands only: self-attention passes x once (marked varying once)
         xs = (xq,) if xk is xq and xv is xq else (xq, xk) if xv is xk else (xq, xk, xv)
         B, T, S = xq.shape[0], xq.shape[1], xk.shape[1]
-        data = _axis_size(self.mesh, DATA)
-        if B % data:
-            raise ValueError(f"batch size {B} is not divisible by the data axis size {data}")
+        _check_batch(B, self.mesh)
         if mask is not None:
             mask = _mask_4d(mask, (B, module.num_heads, T, S))
-        params = {name: None if getattr(module, name) is None else getattr(module, name)[...]
-                  for name in PARAM_AXES}
+        params = module.param_values()
         rng = module.dropout_key(deterministic)
         kwargs = dict(
             is_causal=is_causal, scale=module.scale,
@@ -658,7 +653,7 @@ class HeadParallelAttention(nnx.Module):
 
         As :meth:`MultiHeadAttention.init_cache`; ``batch_size`` must divide over ``data``.
         """
-        _check_cache_batch(batch_size, self.mesh)
+        _check_batch(batch_size, self.mesh)
         module = self.module
         abstract = jax.eval_shape(lambda: module.init_cache(batch_size, max_length, dtype))
         specs = cache_specs(module, self.mesh, quantized=abstract.quantized)
@@ -695,9 +690,9 @@ class HeadParallelAttention(nnx.Module):
         """
         module = self.module
         module.check_decode_inputs(x, cache)
-        _check_cache_batch(x.shape[0], self.mesh)
+        _check_batch(x.shape[0], self.mesh)
         B, t = x.shape[:2]
-        valid = kv_cache._valid_lengths(valid_lengths, B, t)
+        valid = kv_cache.resolve_valid_lengths(valid_lengths, B, t)
         kv_cache.check_capacity(cache, valid)
         if mask is not None:
             mask = _mask_4d(mask, (B, module.num_heads, t, cache.max_length))
@@ -709,7 +704,7 @@ class HeadParallelAttention(nnx.Module):
             specs=tuple(param_specs(module, self.mesh).items()),
             forward_kwargs=tuple(sorted(kwargs.items())),
         )
-        return _shard_map_decode(module._params(), x, cache, mask, valid_lengths, plan=plan)
+        return _shard_map_decode(module.param_values(), x, cache, mask, valid_lengths, plan=plan)
 
 
 def _mask_4d(mask: Array, shape: tuple[int, int, int, int]) -> Array:
