@@ -19,6 +19,7 @@ the grouping ``[B, T, K, G, H]`` never materialises repeated keys or values.
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from collections.abc import Callable
 
@@ -32,10 +33,19 @@ Array = jax.Array
 # masked row finite; such rows are zeroed after the softmax.
 _MASKED = float(np.finfo(np.float32).min)
 
-# ``implementation`` names understood by :func:`dot_product_attention`. Other
-# modules (the fast-kernel backends) add theirs through
-# :func:`register_implementation`.
-_IMPLEMENTATIONS: dict[str, Callable[..., Array]] = {}
+# The backends ``implementation=`` accepts: one table, filled here and nowhere
+# else. Entries are ``"module:function"`` paths resolved on first use, so that
+# what is available never depends on which module was imported first (the
+# kernels import this module, so it cannot import them at load time).
+_BUILTIN_IMPLEMENTATIONS: dict[str, str] = {
+    "xla": "attention_jax.ops:attention_core",
+    "blockwise": "attention_jax.kernels.blockwise:blockwise_core",
+    "cudnn": "attention_jax.kernels.cudnn:cudnn_attention",
+    "decode": "attention_jax.kernels.decode:decode_core",
+    "auto": "attention_jax.kernels.dispatch:auto_attention",
+}
+# Backends added by users through :func:`register_implementation`.
+_USER_IMPLEMENTATIONS: dict[str, Callable[..., Array]] = {}
 
 
 def register_implementation(name: str, fn: Callable[..., Array]) -> None:
@@ -43,23 +53,60 @@ def register_implementation(name: str, fn: Callable[..., Array]) -> None:
 
     ``fn`` has the signature of :func:`attention_core` (no dropout, no returned
     weights) and must equal it; :func:`dot_product_attention` falls back to the
-    einsum path whenever dropout or weights are asked for.
+    einsum path whenever dropout or weights are asked for. A built-in name
+    cannot be replaced.
+
+    Raises:
+      ValueError: when ``name`` is a built-in backend.
     """
-    _IMPLEMENTATIONS[name] = fn
+    if name in _BUILTIN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation {name!r} is built in and cannot be replaced; pick another name"
+        )
+    _USER_IMPLEMENTATIONS[name] = fn
 
 
 def available_implementations() -> tuple[str, ...]:
-    """Names accepted by ``implementation=``.
-
-    ``None`` means ``"auto"`` once :mod:`attention_jax.kernels` has registered it
-    (importing :mod:`attention_jax` does), else ``"xla"``.
-    """
-    return tuple(_IMPLEMENTATIONS)
+    """Names accepted by ``implementation=``: the built-in backends, then registered ones."""
+    return (*_BUILTIN_IMPLEMENTATIONS, *_USER_IMPLEMENTATIONS)
 
 
 def default_implementation() -> str:
-    """What ``implementation=None`` resolves to: ``"auto"`` if registered, else ``"xla"``."""
-    return "auto" if "auto" in _IMPLEMENTATIONS else "xla"
+    """What ``implementation=None`` resolves to: always ``"auto"``."""
+    return "auto"
+
+
+def check_implementation(implementation: str | None, *, name: str = "implementation") -> str:
+    """``implementation`` resolved (None -> :func:`default_implementation`) and checked.
+
+    Raises:
+      ValueError: for a name that is neither built in nor registered (the one
+        wording of this check in the package).
+    """
+    impl = default_implementation() if implementation is None else implementation
+    if impl not in _BUILTIN_IMPLEMENTATIONS and impl not in _USER_IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown {name} {implementation!r}; available: {available_implementations()}"
+        )
+    return impl
+
+
+@functools.cache
+def _load_builtin(path: str) -> Callable[..., Array]:
+    module, fn = path.split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def get_implementation(implementation: str | None) -> Callable[..., Array]:
+    """The function behind ``implementation`` (signature of :func:`attention_core`).
+
+    >>> get_implementation("xla") is attention_core
+    True
+    """
+    impl = check_implementation(implementation)
+    if impl in _USER_IMPLEMENTATIONS:
+        return _USER_IMPLEMENTATIONS[impl]
+    return _load_builtin(_BUILTIN_IMPLEMENTATIONS[impl])
 
 
 # ---------------------------------------------------------------------------
@@ -246,8 +293,6 @@ def _einsum_attention(
     return out, weights
 
 
-_IMPLEMENTATIONS["xla"] = attention_core
-
 
 def dot_product_attention(
     q: Array,
@@ -307,12 +352,7 @@ def dot_product_attention(
         raise ValueError(f"dropout_rate must be in [0, 1); got {dropout_rate}")
     if dropout_rate > 0.0 and dropout_rng is None:
         raise ValueError(f"dropout_rate={dropout_rate} needs a dropout_rng")
-    impl = default_implementation() if implementation is None else implementation
-    if impl not in _IMPLEMENTATIONS:
-        raise ValueError(
-            f"unknown implementation {implementation!r}; available: "
-            f"{available_implementations()}"
-        )
+    impl = check_implementation(implementation)
     if return_weights or dropout_rate > 0.0 or impl == "xla":
         def fn(q, k, v, mask, bias, dropout_rng):
             return _einsum_attention(
@@ -324,7 +364,7 @@ def dot_product_attention(
         if return_weights:
             return out, weights.reshape(B, N, T, S)
         return out
-    fn = functools.partial(_IMPLEMENTATIONS[impl], is_causal=is_causal, scale=scale)
+    fn = functools.partial(get_implementation(impl), is_causal=is_causal, scale=scale)
     return (jax.checkpoint(fn) if remat else fn)(q, k, v, mask, bias)
 
 
