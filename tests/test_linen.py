@@ -20,7 +20,7 @@ import attention_jax as aj
 from attention_jax import linen as ajl
 from attention_jax import sharding
 from attention_jax.modules import PARAM_AXES
-from tests.test_ops import numpy_attention
+from tests.helpers import numpy_attention
 
 # Linen vs NNX run the same math on the same arrays; jit may fuse differently.
 ATOL_F32 = RTOL_F32 = 1e-5

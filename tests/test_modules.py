@@ -10,7 +10,7 @@ from flax import nnx
 
 import attention_jax as aj
 from attention_jax.modules import PARAM_AXES
-from tests.test_ops import numpy_attention
+from tests.helpers import numpy_attention
 
 ATOL_F32 = RTOL_F32 = 1e-5
 ATOL_BF16 = RTOL_BF16 = 3e-2
