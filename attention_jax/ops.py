@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attention_jax import masks
+
 Array = jax.Array
 
 # Logits of masked-out keys. The float32 minimum (not -inf) keeps a fully
@@ -185,11 +187,15 @@ def causal_block(T: int, S: int) -> Array:
     """Top-left aligned causal mask ``[T, S]``: query t sees keys s <= t.
 
     This is the convention of ``torch.nn.functional.scaled_dot_product_attention``
-    and ``jax.nn.dot_product_attention`` for ``is_causal=True``. Decoding, whose
-    queries sit at the end of the keys, uses :func:`attention_jax.masks.causal_mask`
-    with an offset instead.
+    and ``jax.nn.dot_product_attention`` for ``is_causal=True``; it is
+    :func:`attention_jax.masks.causal_mask` (the one implementation) without
+    the broadcast dims. Decoding, whose queries sit at the end of the keys, uses
+    ``causal_mask`` with an offset instead.
+
+    >>> causal_block(2, 3).astype(int).tolist()
+    [[1, 0, 0], [1, 1, 0]]
     """
-    return jnp.arange(S)[None, :] <= jnp.arange(T)[:, None]
+    return masks.causal_mask(T, S)[0, 0]
 
 
 def attention_logits(q: Array, k: Array, *, scale: float | None = None) -> Array:

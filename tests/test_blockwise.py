@@ -14,58 +14,24 @@ import pytest
 
 from attention_jax import kernels, ops
 from attention_jax.kernels import blockwise, dispatch
+from tests.helpers import (  # noqa: F401 (re-exported: tests/test_decode_kernel.py imports them)
+    BF16_GRAD_TOL,
+    BF16_TOL,
+    F32_GRAD_TOL,
+    F32_TOL,
+    HEADS,
+    B,
+    H,
+    S,
+    T,
+    V,
+)
+from tests.helpers import check_against_einsum as _check
+from tests.helpers import inputs as _inputs
+from tests.helpers import mask_of_kind as _mask
+from tests.helpers import via_ops as _via_ops
 
-# Stated tolerances (absolute; values and gradients are O(1) here).
-F32_TOL = dict(atol=2e-5, rtol=2e-5)
-F32_GRAD_TOL = dict(atol=1e-4, rtol=1e-4)
-# bf16 inputs, float32 accumulation on both sides; the two paths round
-# differently (per-block rescaling), so about 3 bf16 ulps at O(1).
-BF16_TOL = dict(atol=3e-2, rtol=3e-2)
-BF16_GRAD_TOL = dict(atol=6e-2, rtol=6e-2)
-
-HEADS = {"mha": (4, 4), "mqa": (4, 1), "gqa": (4, 2)}
-B, T, S, H, V = 2, 10, 13, 8, 6
 BLOCK = 4
-
-
-def _inputs(N, K, T=T, S=S, *, dtype=jnp.float32, seed=0):
-    rng = np.random.default_rng(seed)
-    q = rng.standard_normal((B, T, N, H))
-    k = rng.standard_normal((B, S, K, H))
-    v = rng.standard_normal((B, S, K, V))
-    return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
-
-
-def _mask(kind, N, T=T, S=S, seed=1):
-    """Masks of the shapes callers use; "full" has rows that see no key."""
-    rng = np.random.default_rng(seed)
-    if kind is None:
-        return None
-    if kind == "keypad":  # [B, 1, 1, S], lengths 7 and S
-        return jnp.arange(S)[None, None, None, :] < jnp.array([7, S])[:, None, None, None]
-    if kind == "full":  # [B, N, T, S] random, rows 3 (batch 0, head 1) and T-1 (all) empty
-        m = rng.random((B, N, T, S)) > 0.3
-        m[0, 1, 3, :] = False
-        m[:, :, T - 1, :] = False
-        return jnp.asarray(m)
-    if kind == "query":  # [1, 1, T, S] random, shared by batch and heads
-        return jnp.asarray(rng.random((1, 1, T, S)) > 0.4)
-    raise ValueError(kind)
-
-
-def _out_and_grads(fn, mask, argnums, *, is_causal):
-    """``(q, k, v[, bias]) -> (out, grads)`` of a loss that weights every output differently."""
-
-    def loss(q, k, v, bias=None):
-        out = fn(q, k, v, mask, bias, is_causal=is_causal, scale=None)
-        w = jnp.sin(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
-        return jnp.sum(out.astype(jnp.float32) * w), out
-
-    def out_and_grads(*args):
-        grads, out = jax.grad(loss, argnums, has_aux=True)(*args)
-        return out, grads
-
-    return out_and_grads
 
 
 def _blockwise_4x4(q, k, v, mask=None, bias=None, *, is_causal=False, scale=None):
@@ -79,34 +45,6 @@ def small_blocks(monkeypatch):
     """Registered backends ("blockwise", and "auto" above its threshold) use 4 x 4 blocks."""
     monkeypatch.setitem(blockwise._BLOCKS, "cpu", (BLOCK, BLOCK))
     monkeypatch.setitem(dispatch.AUTO_EINSUM_MAX_TS, "cpu", 0)  # auto -> blockwise here
-
-
-def _via_ops(impl):
-    def fn(q, k, v, mask=None, bias=None, *, is_causal=False, scale=None):
-        return ops.dot_product_attention(
-            q, k, v, mask, bias, is_causal=is_causal, scale=scale, implementation=impl
-        )
-
-    return fn
-
-
-def _check(fn, q, k, v, mask, bias=None, *, is_causal, jit=True, tol=F32_TOL,
-           grad_tol=F32_GRAD_TOL):
-    """``fn`` (signature of ops.attention_core) equals the einsum path, values and gradients."""
-    argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
-    args = (q, k, v) if bias is None else (q, k, v, bias)
-    got_fn = _out_and_grads(fn, mask, argnums, is_causal=is_causal)
-    got, g_got = (jax.jit(got_fn) if jit else got_fn)(*args)
-    want, g_want = jax.jit(_out_and_grads(ops.attention_core, mask, argnums,
-                                          is_causal=is_causal))(*args)
-    assert got.shape == want.shape and got.dtype == want.dtype
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tol)
-    for name, a, b in zip("qkvb"[: len(argnums)], g_got, g_want, strict=True):
-        assert a.dtype == b.dtype, name
-        assert np.all(np.isfinite(np.asarray(a, np.float32))), f"d{name} not finite"
-        np.testing.assert_allclose(
-            np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=f"d{name}", **grad_tol
-        )
 
 
 # ---------------------------------------------------------------------------

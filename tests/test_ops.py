@@ -12,29 +12,12 @@ import numpy as np
 import pytest
 
 from attention_jax import masks, ops
+from tests.helpers import numpy_attention
 
 ATOL_F32 = RTOL_F32 = 1e-5
 ATOL_BF16 = RTOL_BF16 = 2e-2
 
 VARIANTS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
-
-
-def numpy_attention(q, k, v, mask=None, scale=None):
-    """float64 reference: repeat K/V to N heads, softmax, zero rows with no key."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    B, T, N, H = q.shape
-    G = N // k.shape[2]
-    k, v = np.repeat(k, G, axis=2), np.repeat(v, G, axis=2)
-    scale = 1 / np.sqrt(H) if scale is None else scale
-    logits = np.einsum("btnh,bsnh->bnts", q, k) * scale
-    m = np.ones(logits.shape, bool) if mask is None else np.broadcast_to(mask, logits.shape)
-    logits = np.where(m, logits, -np.inf)
-    mx = np.max(logits, -1, keepdims=True)
-    w = np.exp(logits - np.where(np.isfinite(mx), mx, 0.0))
-    w = np.where(m, w, 0.0)
-    den = w.sum(-1, keepdims=True)
-    w = np.divide(w, den, out=np.zeros_like(w), where=den > 0)
-    return np.einsum("bnts,bsnv->btnv", w, v), w
 
 
 def _qkv(key, B=2, T=5, S=7, N=4, K=2, H=8, V=6, dtype=jnp.float32):

@@ -40,8 +40,8 @@ from attention_jax import ops
 
 Array = jax.Array
 
-# ``(block_q, block_kv)`` per platform; see :func:`default_block_sizes` for the
-# measurements. Other platforms use the "gpu" entry.
+# ``(block_q, block_kv)`` per platform; see :func:`default_block_sizes` (measured in
+# experiments/results/auto_rule_cpu.md). Other platforms use the "gpu" entry.
 _BLOCKS: dict[str, tuple[int, int]] = {
     "cpu": (256, 512),
     # Not measured on a GPU (no device was lent to the session that wrote this):
@@ -88,22 +88,8 @@ def default_block_sizes(T: int, S: int, platform: str | None = None) -> tuple[in
     gives two blocks of 192, not 256 + 256 with 128 padded rows. Short sequences
     (and decoding, T = 1) get one unpadded block.
 
-    CPU: 256 x 512. Measured on the 2-core development machine (jit, f32, H=64,
-    interleaved, 3-7 rounds at load average ~2; forward + backward ms):
-
-    ==============  =======  =======  =======  ========  ========
-    B*N, T = S      128^2    256^2    512^2    256x512   1024^2
-    ==============  =======  =======  =======  ========  ========
-    32, 1024        363      360      303-324  270-278   396
-    32, 2048        .        .        1113     993       .
-    8, 4096         1381     1243     972-993  905       1033
-    128, 1024       1811     1580     1378     .         .
-    ==============  =======  =======  =======  ========  ========
-
-    Forward alone: 256x512 and 512^2 even (94 ms at 32, 1024), both ahead of
-    smaller blocks (loop overhead and small matmuls). Under heavy contention from
-    other processes the ranking moved towards 128-256 (smaller tiles suffer less
-    from shared caches); the table is the quieter measurement.
+    CPU: 256 x 512, measured on the 2-core development machine (forward +
+    backward, f32, H=64); the table is in ``experiments/results/auto_rule_cpu.md``.
     GPU: 512 x 512 (not measured).
     """
     platform = platform or jax.default_backend()
