@@ -28,8 +28,18 @@ CONFIG_NAMES = ("num_kv_heads", "head_dim", "v_head_dim", "in_k_features", "in_v
 
 def mha_config(module: MultiHeadAttention) -> dict[str, Any]:
     """Keyword arguments that rebuild ``module``'s layout (without ``in_features``,
-    ``num_heads``, ``rngs``)."""
+    ``num_heads``, ``rngs``): its ``config`` fields when it has one."""
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        fields = config.to_dict()
+        return {k: v for k, v in fields.items() if k not in ("in_features", "num_heads")}
     return {name: getattr(module, name) for name in CONFIG_NAMES}
+
+
+def check_width(name: str, x: Array, expected: int) -> None:
+    """``x`` is ``[batch, length, expected]``, else a ValueError naming both."""
+    if x.ndim != 3 or x.shape[-1] != expected:
+        raise ValueError(f"{name} must be [batch, length, {expected}]; got shape {tuple(x.shape)}")
 
 
 def cast_params(params: dict[str, Array | None], *inputs: Array, dtype: Any = None

@@ -234,7 +234,7 @@ class LinearAttention(MultiHeadAttention):
         Returns:
           ``(y [B, t, Do], the state after the t tokens)``.
         """
-        self._check_width("x", x, self.in_features)
+        common.check_width("x", x, self.in_features)
         if state.kv.shape[0] != x.shape[0] or state.kv.shape[1:] != (
                 self.num_kv_heads, self.head_dim, self.v_head_dim):
             raise ValueError(f"state kv {tuple(state.kv.shape)} does not fit x {tuple(x.shape)}"
