@@ -101,6 +101,7 @@ from jax.experimental import multihost_utils
 MODEL, OPTIMIZER = "model", "optimizer"
 STATE_ITEM, INTEGRITY_ITEM = "default", "integrity"  # the step's two orbax items
 INTEGRITY_FILE = os.path.join(INTEGRITY_ITEM, "metadata")  # JsonSave's file name
+FILES_FILE = os.path.join(INTEGRITY_ITEM, "files.json")  # written after the step is complete
 FORMAT = "attention_jax.checkpoint/1"
 # When the model has no dataclass ``config``, these public attributes stand for it.
 CONFIG_ATTRIBUTES = ("in_features", "in_k_features", "in_v_features", "out_features",
@@ -322,6 +323,37 @@ def save(
         manager.wait_until_finished()
     if not written:  # orbax skips steps it judges stale; never silently
         raise RuntimeError(f"orbax did not write checkpoint step {step} under {path}")
+    if jax.process_index() == 0:
+        _write_files_manifest(path, step)
+
+
+def _file_sha256(file: str) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_files_manifest(path: str | os.PathLike, step: int) -> None:
+    """``integrity/files.json``: size and sha256 of every file of the arrays' item.
+
+    Written after orbax has renamed the step into place (it cannot be inside the
+    atomic write: the files do not exist yet), through a temporary file and a
+    rename. It only names the damaged file in restore's errors; a step killed
+    before it was written restores (and verifies its checksums) without it.
+    """
+    step_dir = _step_dir(path, step)
+    files = {}
+    for folder, _, names in os.walk(os.path.join(step_dir, STATE_ITEM)):
+        for name in sorted(names):
+            file = os.path.join(folder, name)
+            files[os.path.relpath(file, step_dir)] = {"size": os.path.getsize(file),
+                                                      "sha256": _file_sha256(file)}
+    tmp = os.path.join(step_dir, FILES_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"format": FORMAT, "files": dict(sorted(files.items()))}, f, indent=1)
+    os.replace(tmp, os.path.join(step_dir, FILES_FILE))
 
 
 # ---------------------------------------------------------------------------
@@ -344,6 +376,32 @@ def _read_json(path: str | os.PathLike, step: int, relative: str) -> Any:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _corrupt(path, step, f"{relative} is not valid JSON "
                                    f"({type(e).__name__}: {e})") from None
+
+
+def _check_files(path: str | os.PathLike, step: int) -> dict[str, dict] | None:
+    """Every file of the step's files manifest is there with its size (a ``stat`` each);
+    returns the manifest (None if the step has none)."""
+    if not os.path.exists(os.path.join(_step_dir(path, step), FILES_FILE)):
+        return None
+    files = _read_json(path, step, FILES_FILE).get("files", {})
+    for relative, entry in files.items():
+        file = os.path.join(_step_dir(path, step), relative)
+        if not os.path.exists(file):
+            raise _corrupt(path, step, f"{relative} is missing")
+        size = os.path.getsize(file)
+        if size != entry["size"]:
+            raise _corrupt(path, step, f"{relative} is truncated or changed: {size} bytes, "
+                                       f"{entry['size']} written")
+    return files
+
+
+def _changed_files(path: str | os.PathLike, step: int, files: dict[str, dict] | None) -> str:
+    """`` (changed since saved: FILE, ...)`` from the files manifest; '' without one."""
+    if not files:
+        return ""
+    changed = [relative for relative, entry in files.items()
+               if _file_sha256(os.path.join(_step_dir(path, step), relative)) != entry["sha256"]]
+    return f" (changed since saved: {', '.join(changed)})" if changed else ""
 
 
 def _check_orbax_metadata(path: str | os.PathLike, step: int) -> None:
@@ -425,6 +483,7 @@ def _quiet_orbax_noise() -> Iterator[None]:
 
 _LOCAL_FILE = re.compile(r'local file "([^"]+)"')
 _ARRAY_KEY = re.compile(r'Error reading "([^"/]+)/')
+_VALUE_SIZE = re.compile(r"is not valid for value of size (\d+)")
 
 
 def _read_error(path: str | os.PathLike, step: int, error: BaseException) -> str:
@@ -435,13 +494,25 @@ def _read_error(path: str | os.PathLike, step: int, error: BaseException) -> str
         messages.append(str(e))
         e = e.__cause__ or e.__context__
     text = "\n".join(messages)
-    files = _LOCAL_FILE.findall(text)
-    keys = _ARRAY_KEY.findall(text)
     root = _step_dir(path, step)
-    where = os.path.relpath(files[-1], root) if files else STATE_ITEM
-    reason = text.split(f'local file "{files[-1]}": ', 1)[-1] if files else messages[0]
+    files = [f for f in _LOCAL_FILE.findall(text) if os.path.isfile(f) or not os.path.exists(f)]
+    keys = _ARRAY_KEY.findall(text)
+    reason = messages[-1] if len(messages) > 1 else messages[0]
+    for tail in (f'local file "{files[-1]}": ' if files else None, "database at local file "):
+        if tail and tail in reason:
+            reason = reason.split(tail, 1)[-1]
+    reason = re.sub(r'^"[^"]*": ', "", reason)
     reason = reason.split(" [tensorstore_spec", 1)[0].split(" See full TensorStore", 1)[0]
     reason = " ".join(reason.split())[:300]
+    if files:
+        where = os.path.relpath(files[-1], root)
+    else:  # tensorstore names the file of a b-tree node, not of a chunk: find it by its size
+        size = _VALUE_SIZE.search(text)
+        sized = [] if size is None else [
+            os.path.relpath(os.path.join(folder, n), root)
+            for folder, _, names in os.walk(os.path.join(root, STATE_ITEM)) for n in names
+            if os.path.getsize(os.path.join(folder, n)) == int(size.group(1))]
+        where = sized[0] if len(sized) == 1 else f"a file under {STATE_ITEM}/"
     array = f"cannot read {keys[0]} from " if keys else "cannot read "
     return f"{array}{where} ({type(error).__name__}: {reason})"
 
@@ -494,12 +565,14 @@ def restore(
         step = steps[-1]
     if step is None or step not in steps:
         raise FileNotFoundError(f"no checkpoint step {step} under {path}; steps found: {steps}")
-    integrity = None
-    if verify or os.path.exists(os.path.join(_step_dir(path, step), INTEGRITY_FILE)):
+    try:
         integrity = _read_json(path, step, INTEGRITY_FILE)
         if not isinstance(integrity, dict) or not isinstance(integrity.get("arrays"), dict):
             raise _corrupt(path, step, f"{INTEGRITY_FILE} has no 'arrays' table")
-    _check_orbax_metadata(path, step)
+    except CorruptCheckpointError:
+        if verify:
+            raise
+        integrity = None  # unchecked: shapes from orbax's metadata
 
     tree = _pure(model, optimizer, wrt)
     target = {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
@@ -510,6 +583,8 @@ def restore(
     else:
         specs, config = _saved_specs(path, step), None
     _check_fits(path, step, specs, target, config, model)
+    files = _check_files(path, step) if verify else None
+    _check_orbax_metadata(path, step)
 
     def read_as(x: Any, name: str) -> jax.ShapeDtypeStruct:  # saved dtype, target sharding
         dtype = specs[name][1] or x.dtype
@@ -532,13 +607,14 @@ def restore(
             time.sleep(0.05)  # callbacks of reads still in flight on tensorstore's threads
             gc.collect()
     if failure is not None:
-        raise _corrupt(path, step, failure) from None
+        raise _corrupt(path, step, failure + _changed_files(path, step, files)) from None
 
     flat = _flat({k: v for k, v in restored.items() if k in tree})
     if verify:
         bad = [n for n in names if checksum(flat[n]) != integrity["arrays"][n]["sha256"]]
         if bad:
-            raise _corrupt(path, step, f"{', '.join(bad)} checksum mismatch")
+            raise _corrupt(path, step, f"{', '.join(bad)} checksum mismatch"
+                                       + _changed_files(path, step, files))
     values = [_to_target(flat[n], target[n]) for n in names]
     restored = jax.tree_util.tree_unflatten(treedef, values)
     model_state = nnx.state(model, wrt)
