@@ -1,5 +1,9 @@
 """Rotary position embeddings: the pure functions against NumPy, the module against a
-Hugging Face-style rotary attention written in torch (forward and gradients)."""
+Hugging Face-style rotary attention written in torch (forward and gradients), and the
+:class:`~attention_jax.rope.Rope` scalings / partial rotary / interleaved layout against
+transformers' own rotary classes and ``ROPE_INIT_FUNCTIONS`` (skipped without transformers)."""
+
+import dataclasses
 
 import chex
 import jax
@@ -11,6 +15,7 @@ from flax import nnx
 import attention_jax as aj
 from attention_jax import rope
 from attention_jax.modules import PARAM_AXES
+from attention_jax.rope import Rope
 
 ATOL_F32 = RTOL_F32 = 1e-5
 # Gradients of a float32 forward against a float64 reference.
@@ -163,6 +168,278 @@ def test_module_with_rope_matches_torch_hf_rotary(variant):
         chex.assert_trees_all_close(state_grads[name][...],
                                     tp[name].grad.numpy().astype(np.float32),
                                     atol=ATOL_GRAD, rtol=RTOL_GRAD, custom_message=name)
-    # rope really matters for this comparison
-    m.rope = None
-    assert np.abs(np.asarray(m(x, is_causal=True)) - ty.detach().numpy()).max() > 1e-2
+    # rope really matters for this comparison: the same parameters (same seed) without rope
+    plain = aj.MultiHeadAttention(16, N, num_kv_heads=K, head_dim=6, rope=None,
+                                  bias_init=nnx.initializers.normal(0.5), rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(plain.q_kernel[...], m.q_kernel[...])
+    assert np.abs(np.asarray(plain(x, is_causal=True)) - ty.detach().numpy()).max() > 1e-2
+
+
+# --------------------------------------------------------------------------- Rope: scalings,
+# partial rotary and interleaved layout against transformers' own rotary classes (float32).
+
+ATOL_HF = RTOL_HF = 1e-5  # float32 forward and gradients w.r.t. x, both sides in float32
+H_HF = 16  # head size of the small transformers configs
+SHORT = (1.0, 1.5, 2.0, 3.0)  # longrope factors for R = 8 (4 frequencies)
+LONG = (2.0, 3.0, 5.0, 8.0)
+
+
+def _hf_case(name):
+    """(transformers config, rotary class, apply function, kind, our Rope) of one case;
+    kind "halves" = ``apply(q, k, cos, sin)`` on [B, N, T, H], "gptj" = GPT-J's."""
+    tf = pytest.importorskip("transformers")
+    from transformers.models.gpt_neox import modeling_gpt_neox
+    from transformers.models.gpt_oss import modeling_gpt_oss
+    from transformers.models.gptj import modeling_gptj
+    from transformers.models.llama import modeling_llama
+    from transformers.models.phi3 import modeling_phi3
+    from transformers.models.qwen2 import modeling_qwen2
+
+    small = {"hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 2,
+             "head_dim": H_HF, "num_hidden_layers": 1}
+    llama = (modeling_llama.LlamaRotaryEmbedding, modeling_llama.apply_rotary_pos_emb, "halves")
+    if name == "llama3":
+        cfg = tf.LlamaConfig(**small, max_position_embeddings=256, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 10_000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32})
+        ours = Rope(10_000.0, "llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position=32)
+        return (cfg, *llama, ours)
+    if name == "linear":
+        cfg = tf.LlamaConfig(**small, rope_parameters={"rope_type": "linear", "factor": 4.0,
+                                                       "rope_theta": THETA})
+        return (cfg, *llama, Rope(THETA, "linear", factor=4.0))
+    if name == "dynamic":
+        cfg = tf.LlamaConfig(**small, max_position_embeddings=16, rope_parameters={
+            "rope_type": "dynamic", "factor": 2.0, "rope_theta": THETA})
+        return (cfg, *llama, Rope(THETA, "dynamic", factor=2.0, original_max_position=16))
+    if name == "yarn-qwen2":
+        cfg = tf.Qwen2Config(**small, max_position_embeddings=128, rope_parameters={
+            "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+            "rope_theta": 10_000.0})
+        return (cfg, modeling_qwen2.Qwen2RotaryEmbedding, modeling_qwen2.apply_rotary_pos_emb,
+                "halves", Rope(10_000.0, "yarn", factor=4.0, original_max_position=32))
+    if name == "yarn-gpt-oss":
+        cfg = tf.GptOssConfig(**small, max_position_embeddings=128, rope_parameters={
+            "rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0,
+            "truncate": False, "original_max_position_embeddings": 16, "rope_theta": 150_000.0})
+        ours = Rope(150_000.0, "yarn", factor=8.0, original_max_position=16, truncate=False)
+        return (cfg, modeling_gpt_oss.GptOssRotaryEmbedding,
+                modeling_gpt_oss.apply_rotary_pos_emb, "gpt-oss", ours)
+    if name == "longrope-partial-phi3":
+        cfg = tf.Phi3Config(**{k: v for k, v in small.items() if k != "head_dim"},
+                            max_position_embeddings=128, original_max_position_embeddings=32,
+                            rope_parameters={"rope_type": "longrope", "short_factor": list(SHORT),
+                                             "long_factor": list(LONG), "rope_theta": THETA,
+                                             "partial_rotary_factor": 0.5})
+        ours = Rope(THETA, "longrope", factor=4.0, original_max_position=32, short_factor=SHORT,
+                    long_factor=LONG, rotary_dim=8)
+        return (cfg, modeling_phi3.Phi3RotaryEmbedding, modeling_phi3.apply_rotary_pos_emb,
+                "halves", ours)
+    if name == "partial-neox":
+        cfg = tf.GPTNeoXConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1,
+                               rope_parameters={"rope_type": "default", "rope_theta": THETA,
+                                                "partial_rotary_factor": 0.25})
+        return (cfg, modeling_gpt_neox.GPTNeoXRotaryEmbedding,
+                modeling_gpt_neox.apply_rotary_pos_emb, "halves", Rope(THETA, rotary_dim=4))
+    assert name == "interleaved-gptj"
+    cfg = tf.GPTJConfig(n_embd=32, n_head=2, n_layer=1, rotary_dim=8, n_positions=64)
+    return (cfg, modeling_gptj.GPTJRotaryEmbedding, modeling_gptj.apply_rotary_pos_emb, "gptj",
+            Rope(10_000.0, rotary_dim=8, layout="interleaved"))
+
+
+HF_CASES = ("llama3", "linear", "dynamic", "yarn-qwen2", "yarn-gpt-oss",
+            "longrope-partial-phi3", "partial-neox", "interleaved-gptj")
+# [B, T] positions: an offset row and a left-padded one (positions repeat on the padding);
+# "long" goes past every case's original length (dynamic grows, longrope switches).
+POSITIONS = {"short": [[3, 4, 5, 6, 7], [0, 0, 0, 1, 2]],
+             "long": [[30, 31, 32, 33, 34], [0, 0, 38, 39, 40]]}
+
+
+def _hf_rotate(torch, case, q, k, positions):
+    """transformers' rotation of q, k ``[B, T, N, H]`` (torch float32) at ``positions``."""
+    cfg, rotary_cls, apply, kind, ours = case
+    pos = torch.tensor(positions)
+    if kind == "gptj":
+        R = ours.rotary_dim
+        sin, cos = rotary_cls(cfg)(q, pos)  # [B, T, R/2]
+        return [torch.cat([apply(t[..., :R], sin, cos), t[..., R:]], dim=-1) for t in (q, k)]
+    cos, sin = rotary_cls(cfg)(q, pos)  # a fresh instance: dynamic's state starts clean
+    qe, ke = apply(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    return qe.transpose(1, 2), ke.transpose(1, 2)
+
+
+@pytest.mark.parametrize("length", POSITIONS)
+@pytest.mark.parametrize("name", HF_CASES)
+def test_rope_matches_transformers_rotary_forward_and_grad(name, length):
+    torch = pytest.importorskip("torch")
+    case = _hf_case(name)
+    ours = case[-1]
+    positions = jnp.array(POSITIONS[length])
+    q = jax.random.normal(jax.random.key(6), (2, 5, 2, H_HF))
+    k = jax.random.normal(jax.random.key(7), (2, 5, 2, H_HF))
+    gq, gk = (jax.random.normal(jax.random.key(s), q.shape) for s in (8, 9))
+
+    def loss(q, k, positions):
+        return (jnp.sum(rope.apply_rope(q, positions, ours) * gq)
+                + jnp.sum(rope.apply_rope(k, positions, ours) * gk))
+
+    value_and_grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    _, (dq, dk) = value_and_grad(q, k, positions)
+
+    tq, tk = (torch.tensor(np.asarray(t), requires_grad=True) for t in (q, k))
+    hq, hk = _hf_rotate(torch, case, tq, tk, POSITIONS[length])
+    ((hq * torch.tensor(np.asarray(gq))).sum() + (hk * torch.tensor(np.asarray(gk))).sum()
+     ).backward()
+    for got, want in ((rope.apply_rope(q, positions, ours), hq), (dq, tq.grad),
+                      (rope.apply_rope(k, positions, ours), hk), (dk, tk.grad)):
+        chex.assert_trees_all_close(got, want.detach().numpy(), atol=ATOL_HF, rtol=RTOL_HF)
+    # the rotary part really rotates (and a partial rotary leaves the rest untouched)
+    R = ours.dim(H_HF)
+    assert np.abs(np.asarray(hq[..., :R].detach()) - np.asarray(q[..., :R])).max() > 1e-2
+    np.testing.assert_array_equal(rope.apply_rope(q, positions, ours)[..., R:], q[..., R:])
+
+
+def _init_config(tf, rope_parameters, **extra):
+    kw = {"hidden_size": 32, "num_attention_heads": 2, "head_dim": H_HF,
+          "max_position_embeddings": 64, "num_hidden_layers": 1, **extra}
+    return tf.LlamaConfig(**kw, rope_parameters=rope_parameters)
+
+
+INIT_CASES = {  # rope_parameters of a LlamaConfig (max_position 64) and our Rope
+    "linear": ({"rope_type": "linear", "factor": 3.0, "rope_theta": THETA},
+               Rope(THETA, "linear", factor=3.0)),
+    "dynamic": ({"rope_type": "dynamic", "factor": 3.0, "rope_theta": THETA},
+                Rope(THETA, "dynamic", factor=3.0, original_max_position=64)),
+    "llama3": ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+                "rope_theta": 10_000.0},
+               Rope(10_000.0, "llama3", factor=8.0, original_max_position=16)),
+    "yarn": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+              "rope_theta": 10_000.0},
+             Rope(10_000.0, "yarn", factor=4.0, original_max_position=16)),
+    "yarn-mscale": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                     "mscale": 0.707, "mscale_all_dim": 1.0, "beta_fast": 16.0, "beta_slow": 2.0,
+                     "rope_theta": 10_000.0},
+                    Rope(10_000.0, "yarn", factor=4.0, original_max_position=16, mscale=0.707,
+                         mscale_all_dim=1.0, beta_fast=16.0, beta_slow=2.0)),
+    "yarn-attention-factor": ({"rope_type": "yarn", "factor": 2.0, "attention_factor": 0.9,
+                               "original_max_position_embeddings": 32, "rope_theta": THETA},
+                              Rope(THETA, "yarn", factor=2.0, original_max_position=32,
+                                   attention_factor=0.9)),
+    "longrope": ({"rope_type": "longrope", "short_factor": [1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2,
+                                                            2.4],
+                  "long_factor": [2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5],
+                  "original_max_position_embeddings": 16, "rope_theta": THETA},
+                 Rope(THETA, "longrope", factor=4.0, original_max_position=16,
+                      short_factor=(1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2, 2.4),
+                      long_factor=(2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5))),
+    "llama3-partial": ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+                        "rope_theta": 10_000.0, "partial_rotary_factor": 0.5},
+                       Rope(10_000.0, "llama3", factor=8.0, original_max_position=16,
+                            rotary_dim=8)),
+}
+
+
+@pytest.mark.parametrize("name", INIT_CASES)
+def test_inv_freq_and_attention_scaling_match_transformers_init_functions(name):
+    torch = pytest.importorskip("torch")
+    tf = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params, ours = INIT_CASES[name]
+    cfg = _init_config(tf, dict(params))
+    init = ROPE_INIT_FUNCTIONS[params["rope_type"]]
+    for seq_len in (None, 10, 40, 200):  # below, around and past the original lengths
+        want, scale = init(cfg, None, seq_len=None if seq_len is None else torch.tensor(seq_len))
+        got = ours.inv_freq(H_HF, None if seq_len is None else jnp.array(seq_len))
+        chex.assert_trees_all_close(got, want.numpy(), atol=1e-7, rtol=1e-6,
+                                    custom_message=f"seq_len={seq_len}")
+        assert ours.attention_scaling == pytest.approx(float(scale), rel=1e-12)
+
+
+def test_rope_default_equals_float_theta_and_is_static_hashable():
+    x = jax.random.normal(jax.random.key(10), (2, 5, 3, 8))
+    pos = jnp.array([[0, 1, 2, 3, 4], [9, 10, 11, 12, 13]])
+    chex.assert_trees_all_close(rope.apply_rope(x, pos, Rope(THETA)),
+                                rope.apply_rope(x, pos, THETA), atol=1e-6, rtol=1e-6)
+    a = Rope(THETA, "longrope", factor=2.0, original_max_position=8, short_factor=[1, 2],
+             long_factor=[3, 4], rotary_dim=4)
+    assert a.short_factor == (1.0, 2.0) and hash(a) == hash(
+        Rope(THETA, "longrope", factor=2.0, original_max_position=8, short_factor=(1.0, 2.0),
+             long_factor=(3.0, 4.0), rotary_dim=4))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.theta = 1.0  # type: ignore[misc]
+    jitted = jax.jit(rope.apply_rope, static_argnums=2)  # a Rope is a valid static argument
+    chex.assert_trees_all_close(jitted(x, pos, a), rope.apply_rope(x, pos, a), atol=1e-6,
+                                rtol=1e-6)
+    # [T] positions are the [B, T] ones shared by the batch; the dtype is kept
+    b = Rope(THETA, rotary_dim=6, layout="interleaved")
+    chex.assert_trees_all_close(rope.apply_rope(x, pos[1], b),
+                                rope.apply_rope(x, jnp.stack([pos[1], pos[1]]), b),
+                                atol=1e-6, rtol=1e-6)
+    assert rope.apply_rope(x.astype(jnp.bfloat16), pos, b).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
+def test_length_dependent_scalings_follow_the_traced_max_position(use_jit):
+    """dynamic and longrope read ``max(positions) + 1`` over the whole batch, traced."""
+    x = jax.random.normal(jax.random.key(11), (2, 3, 1, 8))
+    apply = jax.jit(rope.apply_rope, static_argnums=2) if use_jit else rope.apply_rope
+    longrope = Rope(THETA, "longrope", original_max_position=8, short_factor=(1, 1, 1, 1),
+                    long_factor=(4, 4, 4, 4))
+    dynamic = Rope(THETA, "dynamic", factor=2.0, original_max_position=8)
+    short_pos = jnp.array([[0, 1, 2], [5, 6, 7]])  # length 8: the original scale
+    long_pos = jnp.array([[0, 1, 2], [5, 6, 8]])  # length 9: row 2 switches row 1 too
+    for r in (longrope, dynamic):
+        chex.assert_trees_all_close(apply(x, short_pos, r), rope.apply_rope(x, short_pos, THETA),
+                                    atol=1e-6, rtol=1e-6)
+    # longrope past L0: every frequency / 4, i.e. the plain rope at positions / 4
+    chex.assert_trees_all_close(apply(x, long_pos, longrope)[0],
+                                rope.apply_rope(x, long_pos / 4.0, THETA)[0], atol=1e-6, rtol=1e-6)
+    # dynamic at length 9: base THETA * (2 * 9 / 8 - 1) ** (8 / 6)
+    grown = THETA * (2 * 9 / 8 - 1) ** (8 / 6)
+    chex.assert_trees_all_close(apply(x, long_pos, dynamic), numpy_rope(x, long_pos, grown),
+                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"scaling": "ntk"}, ValueError, r"Rope.scaling must be one of .*got 'ntk'"),
+    ({"layout": "pairs"}, ValueError, r"Rope.layout must be one of .*got 'pairs'"),
+    ({"theta": -1.0}, ValueError, r"Rope.theta must be > 0; got -1.0"),
+    ({"factor": 2.0}, ValueError, r"Rope.factor=2.0 is not used by scaling='none'"),
+    ({"scaling": "linear", "beta_fast": 8.0}, ValueError, r"Rope.beta_fast=8.0 is not used"),
+    ({"scaling": "dynamic", "factor": 2.0}, ValueError, r"original_max_position is required"),
+    ({"scaling": "llama3", "original_max_position": 8, "low_freq_factor": 4.0},
+     ValueError, r"high_freq_factor \(4.0\) must be > low_freq_factor \(4.0\)"),
+    ({"scaling": "yarn", "original_max_position": 8, "beta_fast": 1.0, "beta_slow": 2.0},
+     ValueError, r"beta_fast \(1.0\) must be >= beta_slow \(2.0\)"),
+    ({"scaling": "longrope", "original_max_position": 8, "short_factor": (1.0,)},
+     ValueError, r"short_factor and Rope.long_factor are required"),
+    ({"scaling": "longrope", "original_max_position": 8, "short_factor": (1.0,),
+      "long_factor": (1.0, 2.0)}, ValueError, r"same length"),
+    ({"rotary_dim": 0}, ValueError, r"Rope.rotary_dim must be an integer >= 1 or None; got 0"),
+    ({"scaling": "yarn", "original_max_position": 8, "truncate": 1}, TypeError,
+     r"Rope.truncate must be a bool"),
+    ({"theta": "1e4"}, TypeError, r"Rope.theta must be a number"),
+])
+def test_rope_validation_names_the_field(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        Rope(**kwargs)
+
+
+def test_rope_check_head_dim():
+    with pytest.raises(ValueError, match=r"rotary_dim must be even; got 5"):
+        Rope(rotary_dim=5).check(8)
+    with pytest.raises(ValueError, match=r"rotary_dim \(10\) must be <= head_dim \(8\)"):
+        Rope(rotary_dim=10).check(8)
+    with pytest.raises(ValueError, match="even head_dim; got 7"):
+        rope.check_rope(Rope(), 7)
+    with pytest.raises(ValueError, match=r"rotary_dim / 2 = 4 values; got 2"):
+        Rope(scaling="longrope", original_max_position=8, short_factor=(1, 1),
+             long_factor=(1, 1)).check(8)
+    Rope(rotary_dim=6).check(7)  # an odd head with an even rotary part is fine
+    x = jnp.ones((1, 2, 1, 7))
+    assert rope.apply_rope(x, jnp.arange(2), Rope(rotary_dim=6)).shape == (1, 2, 1, 7)
