@@ -2,14 +2,15 @@
 
 A checkpoint is one numbered step directory under ``path`` (an orbax
 ``CheckpointManager``) holding two items, written together under a temporary
-name and renamed into place once both are complete::
+name (``<step>.orbax-checkpoint-tmp``) and renamed into place once complete::
 
-    <step>/default/      {"model": {param path: array},        # nnx.state(model, wrt)
-                          "optimizer": {"step": int32[],       # nnx.state(optimizer)
-                                        "opt_state": {...}}}   # e.g. SGD momentum
+    <step>/default/             {"model": {param path: array},     # nnx.state(model, wrt)
+                                 "optimizer": {"step": int32[],    # nnx.state(optimizer)
+                                               "opt_state": ...}}  # e.g. SGD momentum
     <step>/integrity/metadata   JSON: per array its shape, dtype and the sha256 of its
-                          bytes; the model's config (``model.config`` when it is a
-                          dataclass, else its public size attributes)
+                                value's bytes; the model's config (:func:`model_config`)
+    <step>/integrity/files.json JSON: size and sha256 of every file under default/,
+                                written (atomically) just after the rename
 
 Each process writes the shards it holds. :func:`restore` reads every array
 straight into the sharding the *given* model and optimizer have now (abstract
@@ -18,41 +19,54 @@ written on a ``(data, model) = (2, 4)`` mesh restores onto ``(1, 8)``: build the
 new model, place it (e.g. :func:`attention_jax.sharding.head_parallel`), build
 its optimizer, then restore into both.
 
-What is checked, and when:
+What is checked, and when (every error names the step and the root ``path``):
 
-=============================  ==============  ===============================================
-case                           when            result
-=============================  ==============  ===============================================
-``step`` not an int >= 0       save            ValueError naming the step and the latest
-(float, bool, str, negative)
-``step`` already present       save            ValueError; ``overwrite=True`` replaces it
-``step`` older than the latest save            ValueError; ``overwrite=True`` rolls back:
-                                               deletes every step >= ``step``, then writes
-save killed half-way           all_steps,      the half step is an orbax temporary directory:
-                               latest_step,    invisible; earlier steps intact; the same
-                               restore, save   step can be saved again
-model / optimizer of another   restore, before ValueError naming every array with saved and
-shape (e.g. ``num_kv_heads``)  any array read  expected shapes, and the config fields that
-                                               differ
-integrity sidecar missing      restore, before CorruptCheckpointError naming step and file
-or not JSON                    any array read  (``verify=False`` reads such a step unchecked)
-``_METADATA`` (or array        restore, before CorruptCheckpointError naming step and file
-metadata) truncated, garbage   any array read
-data file truncated, deleted,  restore, while  CorruptCheckpointError naming step, file and
-b-tree node damaged            reading         array; orbax's asyncio noise is swallowed
-bytes of an array changed      restore, after  CorruptCheckpointError: ``model.o_kernel
-(no error from the reader)     reading         checksum mismatch``; the model is unchanged
-=============================  ==============  ===============================================
+================================  ==========================  ==================================
+case                              when                        result
+================================  ==========================  ==================================
+``step`` not an int >= 0 (float,  save, before writing        ValueError naming the step and the
+bool, str, None, negative)                                    latest step
+``step`` already present          save, before writing        ValueError; ``overwrite=True``
+                                                              replaces it (and deletes later
+                                                              steps)
+``step`` older than the latest    save, before writing        ValueError; ``overwrite=True``
+                                                              rolls back: deletes every step
+                                                              >= ``step``, newest first, then
+                                                              writes it
+save killed half-way              all_steps, latest_step,     the half step is a temporary
+                                  restore, save               directory: never listed; earlier
+                                                              steps intact; the step can be
+                                                              saved again
+model / optimizer of another      restore, before any file    ValueError naming every array,
+shape (e.g. ``num_kv_heads``)     but integrity/metadata      saved and expected shapes, and the
+                                  is read                     config fields that differ
+integrity/metadata missing or     restore, first              CorruptCheckpointError naming the
+not JSON                                                      file (``verify=False`` reads such
+                                                              a step unchecked)
+a file of default/ missing or     restore, before any array   CorruptCheckpointError naming the
+of another size (truncated)       is read (a ``stat`` each)   file (needs files.json)
+``_METADATA``, array metadata     restore, before any array   CorruptCheckpointError naming the
+not JSON                          is read                     file
+a file unreadable by orbax        restore, while reading      CorruptCheckpointError naming the
+(damaged b-tree node, ...)                                    array, the file and the reason;
+                                                              orbax's asyncio noise swallowed
+bytes of an array changed (the    restore, after reading,     CorruptCheckpointError:
+reader cannot tell: zstd chunks   before the model changes    ``model.o_kernel checksum mismatch
+carry no checksum)                                            (changed since saved: FILE)``
+================================  ==========================  ==================================
 
-A failed :func:`restore` leaves ``model`` and ``optimizer`` untouched.
+A failed :func:`restore` leaves ``model`` and ``optimizer`` untouched. A step
+killed between the rename and ``files.json`` (a few ms) restores and verifies
+its checksums; only the naming of a damaged file is lost.
 
-Cost of the checksums: :func:`save` and :func:`restore` bring each array's
-*global* value to the host once (``np.asarray``; across processes
-``multihost_utils.process_allgather``) and hash it with sha256 (~1 GB/s), so
-a checkpoint saved on one mesh verifies when restored onto another. That is
-one host copy of the largest array at a time: fine at these sizes; for
-multi-GB models pass ``verify=False`` to :func:`restore` (saving always
-records the checksums).
+Cost: :func:`save` brings each array's *global* value to the host once
+(``np.asarray``; across processes ``multihost_utils.process_allgather``) and
+hashes it with sha256 (~1 GB/s), then re-reads the written files once to hash
+them; :func:`restore` hashes each restored global value again. So a
+checkpoint saved on one mesh verifies on another, at the price of one host
+copy of the largest array at a time and about two extra passes over the
+bytes: negligible at these sizes; for multi-GB models, ``verify=False`` skips
+the restore side.
 
 Only the state selected by ``wrt`` (default: ``nnx.Param``) is saved from the
 model; RNG state (dropout keys and counts) is not, so dropout after a resume
