@@ -240,6 +240,9 @@ def _step_number(step: Any, path: str | os.PathLike, latest: int | None) -> int:
     return number
 
 
+_STEP_NAME = re.compile(r"0|[1-9][0-9]*")
+
+
 def _step_dir(path: str | os.PathLike, step: int) -> str:
     return os.path.join(os.path.abspath(os.fspath(path)), str(step))
 
@@ -253,15 +256,17 @@ def latest_step(path: str | os.PathLike) -> int | None:
 def all_steps(path: str | os.PathLike) -> list[int]:
     """Every complete checkpoint step under ``path``, ascending.
 
-    A save killed half-way leaves an orbax temporary directory
-    (``<step>.orbax-checkpoint-tmp...``), never listed; so are names that are not
-    an int >= 0.
+    A step is a directory named by an int >= 0 (``"12"``, not ``"012"``, ``"-1"`` or
+    ``"1.5"``) that holds the arrays' item (``default/``). A save killed half-way
+    leaves an orbax temporary directory (``<step>.orbax-checkpoint-tmp...``), never
+    listed; nor is an empty or foreign directory. A complete step whose files were
+    damaged afterwards is listed: :func:`restore` names what is wrong with it.
     """
     if not os.path.isdir(path):
         return []
-    with _manager(path, create=False) as manager:
-        steps = manager.all_steps()
-    return sorted(s for s in steps if s >= 0 and os.path.isdir(_step_dir(path, s)))
+    return sorted(int(name) for name in os.listdir(path)
+                  if _STEP_NAME.fullmatch(name) and os.path.isdir(os.path.join(path, name,
+                                                                               STATE_ITEM)))
 
 
 # ---------------------------------------------------------------------------
@@ -305,7 +310,7 @@ def save(
         it already exists or is older than the latest step.
     """
     with _manager(path, create=True) as manager:
-        steps = sorted(manager.all_steps())
+        steps = all_steps(path)
         latest = steps[-1] if steps else None
         step = _step_number(step, path, latest)
         later = [s for s in steps if s >= step]
@@ -321,6 +326,9 @@ def save(
         for s in reversed(later):  # newest first: a kill leaves a consistent prefix
             manager.delete(s)
         manager.reload()
+        if os.path.exists(_step_dir(path, step)):  # a foreign directory with the step's name
+            raise ValueError(f"cannot write checkpoint step {step} under {path}: "
+                             f"{_step_dir(path, step)} exists and is not a checkpoint step")
         tree = _pure(model, optimizer, wrt)
         integrity = {
             "format": FORMAT,
@@ -331,11 +339,11 @@ def save(
                        for name, x in _flat(tree).items()},
             "config": model_config(model),
         }
-        written = manager.save(step, args=ocp.args.Composite(**{
+        written = manager.save(step, force=True, args=ocp.args.Composite(**{  # checked above
             STATE_ITEM: ocp.args.StandardSave(tree),
             INTEGRITY_ITEM: ocp.args.JsonSave(integrity)}))
         manager.wait_until_finished()
-    if not written:  # orbax skips steps it judges stale; never silently
+    if not written:  # never silently
         raise RuntimeError(f"orbax did not write checkpoint step {step} under {path}")
     if jax.process_index() == 0:
         _write_files_manifest(path, step)

@@ -215,6 +215,20 @@ def test_older_or_existing_steps_are_refused_unless_overwrite(tmp_path):
     _assert_same(_values(out), _values(model))
 
 
+def test_only_complete_steps_are_listed(tmp_path, capfd):
+    model, _ = _build(2)
+    checkpoint.save(tmp_path, model, step=1)
+    for stray in ("7", "-1", "1.5", "True", "012", "9.orbax-checkpoint-tmp-123", "notes"):
+        (tmp_path / stray).mkdir()  # what the old save wrote for bad steps, and foreign dirs
+    assert checkpoint.all_steps(tmp_path) == [1]
+    assert checkpoint.latest_step(tmp_path) == 1
+    checkpoint.save(tmp_path, model, step=3)  # orbax counts "7"; the check is ours
+    assert checkpoint.all_steps(tmp_path) == [1, 3]
+    with pytest.raises(ValueError, match=r"cannot write checkpoint step 7 .*not a checkpoint"):
+        checkpoint.save(tmp_path, model, step=7)
+    assert "Traceback" not in capfd.readouterr().err
+
+
 # ---------------------------------------------------------------------------
 # 3. A save killed half-way (SIGKILL while orbax writes the step)
 # ---------------------------------------------------------------------------
