@@ -280,3 +280,60 @@ def test_a_layer_without_rope():
                       "rope_type": "default", "rope_theta": 1e4}})
     assert hf.rope_from_hf(cfg) is None
     np.testing.assert_equal(hf.attention_kwargs_from_hf(cfg)["rope"], None)
+
+
+# --------------------------------------------------------------------------- end to end
+# Our module built from the mapping, with transformers' own weights, against the family's
+# attention layer forward (eager, causal, rotary from the family's class) at positions with
+# an offset past the original length (row 1: longrope switches) and with a gap (row 2).
+
+E2E = ("llama", "qwen2", "phi3")
+E2E_POSITIONS = [[20, 21, 22, 23, 24, 25], [0, 1, 2, 9, 10, 11]]
+LATER = ("qk_norm", "qk_norm_eps", "softcap", "sliding_window", "sinks")  # not used here
+
+
+@pytest.mark.parametrize("family", E2E)
+def test_module_from_mapping_matches_the_family_attention_forward(family):
+    import jax
+    from flax import nnx
+
+    import attention_jax as aj
+    from attention_jax import interop
+
+    cfg, attention_cls, rotary_cls = CONFIGS[family]
+    cfg._attn_implementation = "eager"
+    kw = hf.attention_kwargs_from_hf(cfg, 0)
+    assert kw["qk_norm"] is None and kw["softcap"] is None and not kw["sinks"]
+    kw = {k: v for k, v in kw.items() if k not in LATER}
+    torch.manual_seed(0)
+    layer = attention_cls(cfg, 0).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0.0, 0.3)
+    module = aj.MultiHeadAttention(**kw, rngs=nnx.Rngs(0))
+    N, K, H = kw["num_heads"], kw["num_kv_heads"], kw["head_dim"]
+
+    def pair(linear, rows=slice(None)):
+        bias = None if linear.bias is None else linear.bias[rows].detach()
+        return linear.weight[rows].detach(), bias
+
+    if family == "phi3":  # fused [q; k; v] rows
+        qkv = layer.qkv_proj
+        projections = (pair(qkv, slice(0, N * H)), pair(qkv, slice(N * H, (N + K) * H)),
+                       pair(qkv, slice((N + K) * H, None)))
+    else:
+        projections = (pair(layer.q_proj), pair(layer.k_proj), pair(layer.v_proj))
+    interop.load_linear_weights(module, *projections, pair(layer.o_proj))
+
+    x = jax.random.normal(jax.random.key(12), (2, 6, cfg.hidden_size))
+    positions = jnp.array(E2E_POSITIONS)
+    tx = torch.tensor(np.asarray(x))
+    causal = torch.full((6, 6), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        cos_sin = rotary_cls(cfg)(tx, torch.tensor(E2E_POSITIONS))
+        want, _ = layer(tx, position_embeddings=cos_sin, attention_mask=causal)
+    got = module(x, is_causal=True, positions=positions, deterministic=True)
+    chex.assert_trees_all_close(got, want.numpy(), atol=ATOL_F32, rtol=RTOL_F32)
+    # the positions matter: at arange(T) the outputs differ
+    plain = module(x, is_causal=True, deterministic=True)
+    assert np.abs(np.asarray(plain) - want.numpy()).max() > 1e-3
