@@ -564,7 +564,7 @@ def restore(
         on the target mesh (its values are overwritten).
       optimizer: its ``nnx.Optimizer`` (same transformation as when saved),
         or None to restore the model only.
-      step: which checkpoint; None for :func:`latest_step`.
+      step: which checkpoint, an int >= 0; None for :func:`latest_step`.
       wrt: which model state to restore (the filter used by :func:`save`).
       verify: check the step's integrity data and checksums. False reads a
         step without integrity data (written before it existed), unchecked.
@@ -575,15 +575,18 @@ def restore(
     Raises:
       FileNotFoundError: naming ``path`` and the steps found, when there is no
         checkpoint or no checkpoint ``step``.
-      ValueError: naming every array whose saved and expected shapes differ
-        (and the config fields that differ), when ``model`` / ``optimizer`` do
-        not fit the checkpoint.
+      ValueError: naming ``step``, when it is not an int >= 0 (e.g. True); naming
+        every array whose saved and expected shapes differ (and the config
+        fields that differ), when ``model`` / ``optimizer`` do not fit the
+        checkpoint.
       CorruptCheckpointError: (a ValueError) naming the step and the file or
         array, when a file is missing, unreadable, or an array's checksum does
         not match.
     """
     steps = all_steps(path)
-    if step is None and steps:
+    if step is not None:
+        step = _step_number(step, path, steps[-1] if steps else None)
+    elif steps:
         step = steps[-1]
     if step is None or step not in steps:
         raise FileNotFoundError(f"no checkpoint step {step} under {path}; steps found: {steps}")

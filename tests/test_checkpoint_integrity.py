@@ -188,6 +188,9 @@ def test_a_step_that_is_not_an_int_ge_0_is_refused(tmp_path, bad):
         checkpoint.save(tmp_path, model, step=bad)
     assert f"latest step under {tmp_path}: 2" in str(info.value)
     assert sorted(os.listdir(tmp_path)) == listing  # nothing written
+    if bad is not None:  # None is restore's "latest"
+        with pytest.raises(ValueError, match="checkpoint step must be an int >= 0"):
+            checkpoint.restore(tmp_path, model, step=bad)  # True is not step 1
 
 
 def test_older_or_existing_steps_are_refused_unless_overwrite(tmp_path):
