@@ -13,8 +13,8 @@ which then serves the union of their query heads:
 
 Going to a larger K' (K | K' | N) repeats each kv head ``K' / K`` times, which
 changes nothing in the outputs (:func:`gqa_to_mha` is exact). Every other
-setting (widths, head sizes, biases, dtypes, scale, rope, implementation,
-dropout) and the q/o parameters are copied.
+option (the module's :class:`~attention_jax.config.AttentionConfig` with only
+``num_kv_heads`` changed) and the q/o parameters are copied.
 
 >>> from flax import nnx
 >>> from attention_jax.modules import MultiHeadAttention
@@ -26,6 +26,7 @@ dropout) and the q/o parameters are copied.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import jax
@@ -43,7 +44,7 @@ _METHODS = ("mean", "first", "random")
 
 def _kv_axis(name: str) -> int:
     """Position of the ``kv_heads`` axis in a parameter."""
-    return PARAM_AXES[name][0].index("kv_heads")
+    return PARAM_AXES[name].axes.index("kv_heads")
 
 
 def pool_kv_heads(x: Array, axis: int, num_kv_heads: int, method: Method = "mean") -> Array:
@@ -68,14 +69,6 @@ def pool_kv_heads(x: Array, axis: int, num_kv_heads: int, method: Method = "mean
     if method == "first":
         return jnp.take(runs, 0, axis=axis + 1)
     raise ValueError(f"pool method must be 'mean' or 'first'; got {method!r}")
-
-
-def _config(module: MultiHeadAttention, num_kv_heads: int) -> dict:
-    """Constructor arguments that rebuild ``module`` with ``num_kv_heads``."""
-    names = ("head_dim", "v_head_dim", "in_k_features", "in_v_features", "out_features",
-             "use_bias", "dropout_rate", "dtype", "param_dtype", "implementation", "scale",
-             "deterministic", "rope")
-    return {"num_kv_heads": num_kv_heads, **{n: getattr(module, n) for n in names}}
 
 
 def convert_kv_heads(
@@ -120,7 +113,9 @@ def convert_kv_heads(
     # The constructor's own random draw is overwritten below, except for
     # method="random", where these are the fresh K/V parameters.
     build_rngs = rngs if (method == "random" and Kn < K) else nnx.Rngs(0)
-    new = MultiHeadAttention(module.in_features, N, **_config(module, Kn), rngs=build_rngs)
+    config = dataclasses.replace(module.config, num_kv_heads=Kn)
+    new = MultiHeadAttention.from_config(config, rngs=build_rngs)
+    new.deterministic = module.deterministic
     if module.rngs is not None:
         new.rngs = nnx.clone(module.rngs)
     for name in PARAM_AXES:

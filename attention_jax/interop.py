@@ -122,7 +122,7 @@ def expected_linear_shapes(
     for proj in PROJECTIONS:
         name = _kernel_name(proj)
         kernel_shape = tuple(getattr(module, name).shape)
-        w_shape = _linear_shape(kernel_shape, PARAM_AXES[name][1])
+        w_shape = _linear_shape(kernel_shape, PARAM_AXES[name].fan_in_axes)
         shapes[proj] = (w_shape, (w_shape[0],))
     return shapes
 
@@ -193,8 +193,8 @@ def load_linear_weights(
         b = _to_numpy(bias)
         if param is None:
             raise ValueError(
-                f"{proj} bias of shape {tuple(b.shape)} given, but the module has no biases "
-                "(built with use_bias=False); build it with use_bias=True or pass None"
+                f"{proj} bias of shape {tuple(b.shape)} given, but the module has no {proj} "
+                f"bias (its config has {proj}_bias off); build it with that bias or pass None"
             )
         _check_shape(f"{proj} bias", b.shape, b_shape)
         new[bname] = b.reshape(param.shape)
@@ -307,8 +307,15 @@ def check_torch_representable(module: MultiHeadAttention) -> None:
     values, one head size ``embed_dim // num_heads``, output width = input
     width and the scale ``1/sqrt(head_dim)``.
     """
-    N, K, H, V = module.num_heads, module.num_kv_heads, module.head_dim, module.v_head_dim
-    D, Do = module.in_features, module.out_features
+    cfg = module.config
+    N, K, H, V = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.v_head_dim
+    D, Do = cfg.in_features, cfg.out_features
+    biases = {f"{p}_bias": cfg.has_bias(p) for p in PROJECTIONS}
+    if len(set(biases.values())) > 1:
+        raise ValueError(
+            "torch.nn.MultiheadAttention has biases on all four projections or none; the "
+            f"module has {biases}"
+        )
     if K != N:
         raise ValueError(
             f"torch.nn.MultiheadAttention has no grouped-query attention: num_kv_heads ({K}) "
@@ -328,17 +335,15 @@ def check_torch_representable(module: MultiHeadAttention) -> None:
             "torch.nn.MultiheadAttention needs num_heads * head_dim == in_features; got "
             f"{N} * {H} = {N * H} and {D}"
         )
-    if module.scale is not None and not math.isclose(
-        module.scale, ops.default_scale(H), rel_tol=1e-6
-    ):
+    if cfg.scale is not None and not math.isclose(cfg.scale, ops.default_scale(H), rel_tol=1e-6):
         raise ValueError(
             f"torch.nn.MultiheadAttention uses the scale 1/sqrt(head_dim) = "
-            f"{ops.default_scale(H):.6g}; the module has scale {module.scale}"
+            f"{ops.default_scale(H):.6g}; the module has scale {cfg.scale}"
         )
-    if getattr(module, "rope", None) is not None:
+    if cfg.rope is not None:
         raise ValueError(
             f"torch.nn.MultiheadAttention has no rotary embeddings; the module has "
-            f"rope={module.rope}"
+            f"rope={cfg.rope}"
         )
 
 
@@ -376,12 +381,13 @@ def to_torch(module: MultiHeadAttention, *, batch_first: bool = True):
     check_torch_representable(module)
     lin = {p: (_torch_tensor(torch, w), None if b is None else _torch_tensor(torch, b))
            for p, (w, b) in to_linear_weights(module).items()}
+    cfg = module.config
     mha = torch.nn.MultiheadAttention(
-        module.in_features, module.num_heads,
-        dropout=module.dropout_rate,
-        bias=module.use_bias,
-        kdim=module.in_k_features,
-        vdim=module.in_v_features,
+        cfg.in_features, cfg.num_heads,
+        dropout=cfg.dropout_rate,
+        bias=cfg.has_bias("q"),
+        kdim=cfg.in_k_features,
+        vdim=cfg.in_v_features,
         batch_first=batch_first,
         dtype=lin["q"][0].dtype,
     )
@@ -394,7 +400,7 @@ def to_torch(module: MultiHeadAttention, *, batch_first: bool = True):
             mha.k_proj_weight.copy_(wk)  # [E, Dk]
             mha.v_proj_weight.copy_(wv)  # [E, Dv]
         mha.out_proj.weight.copy_(wo)  # [E, E]
-        if module.use_bias:
+        if cfg.has_bias("q"):
             mha.in_proj_bias.copy_(torch.cat([bq, bk, bv]))  # [3E]
             mha.out_proj.bias.copy_(bo)  # [E]
     mha.train(module.deterministic is not True)

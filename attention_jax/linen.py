@@ -6,15 +6,17 @@
 come from the inputs at ``init``, parameters live in the ``'params'``
 collection and dropout draws from the ``'dropout'`` rng collection.
 
-Nothing is re-derived: the NNX constructor validates the configuration and
-fixes the parameter shapes (on an abstract module, cached per configuration),
-the NNX input checks run on every call, and the forward pass is
-:func:`attention_jax.modules.attention_forward` plus ``o_bias``, as in the NNX
-module. The parameters have the NNX names, shapes and default initialisers
+Nothing is re-derived: the module's attributes are the fields of
+:class:`attention_jax.config.AttentionConfig` less the input widths (generated
+from the config, so a new option of the config is a Linen attribute without
+editing this file); at each call the config is built from them and the input
+widths, which validates it and gives the parameter shapes, and the forward
+pass is :func:`attention_jax.layer.attention_layer`, as in the NNX module.
+The parameters have the NNX names, shapes and default initialisers
 (``q_kernel [D, N, H]``, ``k_kernel [Dk, K, H]``, ``v_kernel [Dv, K, V]``,
 ``o_kernel [N, V, Do]``, biases ``[N, H]``, ``[K, H]``, ``[K, V]``, ``[Do]``),
 each boxed in ``nn.LogicallyPartitioned`` with the logical axes of
-:data:`attention_jax.modules.PARAM_AXES`, so ``nn.get_partition_spec`` and
+:data:`attention_jax.config.PARAM_AXES`, so ``nn.get_partition_spec`` and
 ``nn.logical_to_mesh_sharding`` work on the variables ``init`` returns.
 
 :func:`to_nnx` and :func:`from_nnx` move trained parameters between the two
@@ -59,7 +61,8 @@ True
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -68,64 +71,36 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attention_jax import modules
-from attention_jax.modules import PARAM_AXES, Initializer
+from attention_jax import layer, modules
+from attention_jax.config import CONFIG_FIELDS, PARAM_AXES, AttentionConfig
+from attention_jax.modules import Initializer
 
 Array = jax.Array
 
 _KERNELS = ("q_kernel", "k_kernel", "v_kernel")  # their first axis is the input width
 _INPUTS = ("inputs_q", "inputs_k", "inputs_v")
+_WIDTHS = ("in_features", "in_k_features", "in_v_features")  # read from the inputs
+#: The Linen module's attributes from the config (``num_heads`` first), then the initialisers.
+CONFIG_ATTRIBUTES: tuple[str, ...] = tuple(f for f in CONFIG_FIELDS if f not in _WIDTHS)
 
 
-class MultiHeadAttention(nn.Module):
-    """Multi-head attention with ``num_kv_heads`` key/value heads, as a Linen module.
+def config_of(module: Any, in_features: int, in_k_features: int,
+              in_v_features: int) -> AttentionConfig:
+    """The :class:`AttentionConfig` of the Linen ``module`` on inputs of these widths."""
+    return AttentionConfig(in_features=in_features, in_k_features=in_k_features,
+                           in_v_features=in_v_features,
+                           **{n: getattr(module, n) for n in CONFIG_ATTRIBUTES})
 
-    The options, their defaults and ``__call__`` are those of
-    :class:`attention_jax.modules.MultiHeadAttention`, except that the input
-    widths (``in_features``, ``in_k_features``, ``in_v_features``) are read
-    from the inputs at ``init``. For MQA and GQA pass ``num_kv_heads`` (1, or a
-    divisor of ``num_heads``) or use :func:`MultiQueryAttention` /
-    :func:`GroupedQueryAttention`. Configuration errors are raised, by the NNX
-    constructor's own checks, when the module first sees its inputs.
 
-    Attributes:
-      num_heads: N query heads.
-      num_kv_heads: K key/value heads; ``None`` means N (MHA), 1 is MQA.
-      head_dim: H, query/key size per head; default ``D // num_heads``.
-      v_head_dim: V, value size per head; default H.
-      out_features: output width; default D (the width of ``inputs_q``).
-      use_bias: biases on the four projections.
-      dropout_rate: dropout on the attention weights, drawn from the
-        ``'dropout'`` rng collection (``apply(..., rngs={'dropout': key})``);
-        ``init`` without a ``'dropout'`` rng runs without dropout.
-      dtype: computation dtype; default: promoted from inputs and parameters.
-      param_dtype: parameter dtype at ``init``.
-      implementation: attention backend passed to ``dot_product_attention``.
-      scale: logit scale; default ``1/sqrt(H)``.
-      kernel_init: kernel initialiser, applied to the flattened
-        ``[fan_in, fan_out]`` shape; default
-        :func:`attention_jax.modules.default_kernel_init` (LeCun normal).
-      bias_init: bias initialiser; default zeros.
-      rope: rotary base theta applied to q and k, or ``None``.
-      deterministic: default for ``__call__``'s ``deterministic`` (``None``
-        means dropout is on when ``dropout_rate > 0``).
-    """
+def nnx_kwargs(module: Any, in_features: int, in_k_features: int,
+               in_v_features: int) -> dict[str, Any]:
+    """Arguments of :class:`attention_jax.modules.MultiHeadAttention` (less ``rngs`` and
+    the initialisers) equivalent to the Linen ``module`` on inputs of these widths."""
+    return config_of(module, in_features, in_k_features, in_v_features).to_dict()
 
-    num_heads: int
-    num_kv_heads: int | None = None
-    head_dim: int | None = None
-    v_head_dim: int | None = None
-    out_features: int | None = None
-    use_bias: bool = True
-    dropout_rate: float = 0.0
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    implementation: str | None = None
-    scale: float | None = None
-    kernel_init: Initializer | None = None
-    bias_init: Initializer = nn.initializers.zeros_init()
-    rope: float | None = None
-    deterministic: bool | None = None
+
+class _Methods:
+    """The Linen module's methods (copied into the generated class below)."""
 
     @nn.compact
     def __call__(
@@ -138,6 +113,8 @@ class MultiHeadAttention(nn.Module):
         is_causal: bool = False,
         deterministic: bool | None = None,
         return_weights: bool = False,
+        positions: Array | None = None,
+        kv_positions: Array | None = None,
     ) -> Array | tuple[Array, Array]:
         """Attends ``inputs_q`` to ``inputs_k`` / ``inputs_v``.
 
@@ -150,27 +127,20 @@ class MultiHeadAttention(nn.Module):
           deterministic: disable dropout (default: the module's setting;
             dropout is on when ``dropout_rate > 0`` and nothing says otherwise).
           return_weights: also return the ``[B, N, T, S]`` attention weights.
+          positions, kv_positions: absolute positions for rope, as in the NNX module.
 
         Returns:
           ``[B, T, Do]``, and the weights when ``return_weights``.
 
         Raises:
-          ValueError: from the NNX checks, naming the offending numbers.
+          ValueError: from the config's and the layer's checks, naming the numbers.
         """
-        spec = _abstract_nnx(nnx_kwargs(self, *self._widths(inputs_q, inputs_k, inputs_v)))
-        inputs_q, inputs_k, inputs_v = spec.resolve_inputs(inputs_q, inputs_k, inputs_v)
-        params = self._params(spec)
-        dropout_rng = self._dropout_rng(deterministic)
-        y, weights = modules.attention_forward(
-            params, inputs_q, inputs_k, inputs_v,
-            mask=mask, is_causal=is_causal, scale=self.scale,
-            dropout_rate=0.0 if dropout_rng is None else self.dropout_rate,
-            dropout_rng=dropout_rng,
-            return_weights=return_weights, implementation=self.implementation,
-            dtype=self.dtype, rope=self.rope,
+        config = config_of(self, *self._widths(inputs_q, inputs_k, inputs_v))
+        return layer.attention_layer(
+            config, self._params(config), inputs_q, inputs_k, inputs_v, mask=mask,
+            is_causal=is_causal, dropout_rng=self._dropout_rng(deterministic),
+            return_weights=return_weights, positions=positions, kv_positions=kv_positions,
         )
-        y = modules.add_output_bias(y, params)
-        return (y, weights) if return_weights else y
 
     def _widths(self, inputs_q, inputs_k, inputs_v) -> tuple[int, int, int]:
         """``(D, Dk, Dv)``: from the stored kernels when there are any, else the inputs."""
@@ -189,20 +159,16 @@ class MultiHeadAttention(nn.Module):
             widths.append(jnp.shape(x)[-1])
         return tuple(widths)
 
-    def _params(self, spec: modules.MultiHeadAttention) -> dict[str, Array | None]:
-        """The parameters by name (``PARAM_AXES`` order), shaped as ``spec``'s; None if absent."""
+    def _params(self, config: AttentionConfig) -> dict[str, Array | None]:
+        """The parameters by name (``PARAM_AXES`` order), shaped by ``config``; None if absent."""
         kernel_init = self.kernel_init
         kernel_init = modules.default_kernel_init() if kernel_init is None else kernel_init
-        params: dict[str, Array | None] = {}
-        for name, (axes, _) in PARAM_AXES.items():
-            abstract = getattr(spec, name)
-            if abstract is None:
-                params[name] = None
-                continue
-            init = kernel_init if name.endswith("_kernel") else self.bias_init
-            params[name] = self.param(
-                name, nn.with_logical_partitioning(_nnx_init(name, init), axes),
-                abstract.shape, self.param_dtype,
+        params: dict[str, Array | None] = dict.fromkeys(PARAM_AXES)
+        for spec in config.params():
+            init = kernel_init if spec.is_kernel else self.bias_init
+            params[spec.name] = self.param(
+                spec.name, nn.with_logical_partitioning(_nnx_init(spec.name, init), spec.axes),
+                spec.shape, config.param_dtype,
             )
         return params
 
@@ -215,6 +181,47 @@ class MultiHeadAttention(nn.Module):
         return self.make_rng("dropout")
 
 
+_DOC = """Multi-head attention with ``num_kv_heads`` key/value heads, as a Linen module.
+
+    The options, their defaults and ``__call__`` are those of
+    :class:`attention_jax.modules.MultiHeadAttention`: its attributes are the
+    fields of :class:`attention_jax.config.AttentionConfig` (documented there)
+    except the input widths (``in_features``, ``in_k_features``,
+    ``in_v_features``), which are read from the inputs at ``init``; plus
+    ``kernel_init`` (default :func:`attention_jax.modules.default_kernel_init`,
+    applied to the flattened ``[fan_in, fan_out]`` shape) and ``bias_init``
+    (zeros). For MQA and GQA pass ``num_kv_heads`` (1, or a divisor of
+    ``num_heads``) or use :func:`MultiQueryAttention` / :func:`GroupedQueryAttention`.
+    Configuration errors are raised, by the config's checks, when the module
+    first sees its inputs. Dropout draws from the ``'dropout'`` rng collection
+    (``apply(..., rngs={'dropout': key})``); ``init`` without one runs without dropout.
+    """
+
+
+def _linen_body(namespace: dict[str, Any]) -> None:
+    """Fills the Linen class: one attribute per config field, then the initialisers."""
+    fields = {f.name: f for f in dataclasses.fields(AttentionConfig)}
+    annotations: dict[str, Any] = {}
+    for name in CONFIG_ATTRIBUTES:
+        annotations[name] = fields[name].type
+        if fields[name].default is not dataclasses.MISSING:
+            namespace[name] = fields[name].default
+    annotations["kernel_init"] = "Initializer | None"
+    namespace["kernel_init"] = None
+    annotations["bias_init"] = "Initializer"
+    namespace["bias_init"] = nn.initializers.zeros_init()
+    namespace["__annotations__"] = annotations
+    namespace["__module__"] = __name__
+    namespace["__qualname__"] = "MultiHeadAttention"
+    namespace["__doc__"] = _DOC
+    for name, fn in vars(_Methods).items():
+        if callable(fn):
+            namespace[name] = fn
+
+
+MultiHeadAttention = types.new_class("MultiHeadAttention", (nn.Module,), exec_body=_linen_body)
+
+
 def MultiQueryAttention(num_heads: int, **kwargs) -> MultiHeadAttention:
     """MQA: a Linen :class:`MultiHeadAttention` with one key/value head."""
     return MultiHeadAttention(num_heads, num_kv_heads=1, **kwargs)
@@ -225,23 +232,6 @@ def GroupedQueryAttention(num_heads: int, num_kv_heads: int, **kwargs) -> MultiH
     return MultiHeadAttention(num_heads, num_kv_heads=num_kv_heads, **kwargs)
 
 
-# ---------------------------------------------------------------------------
-# The NNX module as the single source of configuration checks and shapes
-# ---------------------------------------------------------------------------
-
-
-def nnx_kwargs(
-    module: MultiHeadAttention, in_features: int, in_k_features: int, in_v_features: int
-) -> dict[str, Any]:
-    """Arguments of :class:`attention_jax.modules.MultiHeadAttention` (less ``rngs`` and
-    the initialisers) equivalent to the Linen ``module`` on inputs of these widths."""
-    names = ("num_heads", "num_kv_heads", "head_dim", "v_head_dim", "out_features", "use_bias",
-             "dropout_rate", "dtype", "param_dtype", "implementation", "scale", "rope",
-             "deterministic")
-    return {"in_features": in_features, "in_k_features": in_k_features,
-            "in_v_features": in_v_features, **{n: getattr(module, n) for n in names}}
-
-
 def _nnx_init(name: str, init: Initializer):
     """``init`` applied exactly as the NNX module applies it to parameter ``name``."""
 
@@ -249,27 +239,6 @@ def _nnx_init(name: str, init: Initializer):
         return modules.init_param_value(name, init, rng, shape, dtype)
 
     return fn
-
-
-def _abstract_nnx(kwargs: dict[str, Any]) -> modules.MultiHeadAttention:
-    """The NNX module for ``kwargs`` with abstract parameters (shapes only).
-
-    Building it runs every NNX configuration check and resolves the defaults
-    (H, V, Do). Cached per configuration when ``kwargs`` is hashable.
-    """
-    items = tuple(sorted(kwargs.items()))
-    try:
-        hash(items)
-    except TypeError:
-        return _build_abstract(items)
-    return _cached_abstract(items)
-
-
-def _build_abstract(items: tuple[tuple[str, Any], ...]) -> modules.MultiHeadAttention:
-    return nnx.eval_shape(lambda: modules.MultiHeadAttention(**dict(items), rngs=nnx.Rngs(0)))
-
-
-_cached_abstract = functools.lru_cache(maxsize=256)(_build_abstract)
 
 
 # ---------------------------------------------------------------------------
@@ -322,27 +291,30 @@ def to_nnx(
     """
     module = _as_linen(module_or_config)
     params = _param_dict(variables)
-    expected = [n for n in PARAM_AXES if module.use_bias or n.endswith("_kernel")]
+    missing_kernels = [n for n in _KERNELS if n not in params]
+    if missing_kernels:
+        raise ValueError(f"parameters lack the kernels {missing_kernels}")
+    widths = [jnp.shape(params[n])[0] if jnp.ndim(params[n]) else 0 for n in _KERNELS]
+    config = config_of(module, *widths)
+    expected = [p.name for p in config.params()]
     missing = [n for n in expected if n not in params]
     extra = sorted(set(params) - set(expected))
     if missing or extra:
         raise ValueError(
-            f"parameters do not match use_bias={module.use_bias}: missing {missing}, "
+            f"parameters do not match use_bias={config.use_bias}: missing {missing}, "
             f"unexpected {extra}"
         )
-    widths = [jnp.shape(params[n])[0] if jnp.ndim(params[n]) else 0 for n in _KERNELS]
     zeros = nnx.initializers.zeros_init()  # cheap placeholders, replaced below
-    nnx_module = modules.MultiHeadAttention(
-        **nnx_kwargs(module, *widths), kernel_init=zeros, bias_init=zeros,
-        rngs=nnx.Rngs(0) if rngs is None else rngs,
+    nnx_module = modules.MultiHeadAttention.from_config(
+        config, kernel_init=zeros, bias_init=zeros, rngs=nnx.Rngs(0) if rngs is None else rngs,
     )
-    for name in expected:
-        param, value = getattr(nnx_module, name), params[name]
-        if tuple(jnp.shape(value)) != tuple(param.shape):
+    for spec in config.params():
+        param, value = getattr(nnx_module, spec.name), params[spec.name]
+        if tuple(jnp.shape(value)) != spec.shape:
             raise ValueError(
-                f"{name} has shape {tuple(jnp.shape(value))} but num_heads={module.num_heads}, "
-                f"num_kv_heads={nnx_module.num_kv_heads}, head_dim={nnx_module.head_dim}, "
-                f"v_head_dim={nnx_module.v_head_dim} give {tuple(param.shape)}"
+                f"{spec.name} has shape {tuple(jnp.shape(value))} but num_heads="
+                f"{config.num_heads}, num_kv_heads={config.num_kv_heads}, head_dim="
+                f"{config.head_dim}, v_head_dim={config.v_head_dim} give {spec.shape}"
             )
         param.set_value(jnp.asarray(value))
     return nnx_module
@@ -353,8 +325,8 @@ def from_nnx(
 ) -> tuple[MultiHeadAttention, dict[str, dict[str, Array]]]:
     """The Linen module and unboxed variables computing what ``nnx_module`` computes.
 
-    Every option is carried over (resolved: ``head_dim``, ``v_head_dim`` and
-    ``out_features`` are explicit) except the initialisers, which the NNX module
+    Every option of the config is carried over (resolved: ``head_dim``,
+    ``v_head_dim`` and ``out_features`` are explicit) except the initialisers, which the NNX module
     does not keep; the dropout rng comes from Linen's ``'dropout'`` collection.
 
     Returns:
@@ -368,12 +340,8 @@ def from_nnx(
             f"got {type(nnx_module).__name__}"
         )
     m = nnx_module
-    linen_module = MultiHeadAttention(
-        m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
-        v_head_dim=m.v_head_dim, out_features=m.out_features, use_bias=m.use_bias,
-        dropout_rate=m.dropout_rate, dtype=m.dtype, param_dtype=m.param_dtype,
-        implementation=m.implementation, scale=m.scale, rope=m.rope,
-        deterministic=m.deterministic,
-    )
+    options = {n: getattr(m.config, n) for n in CONFIG_ATTRIBUTES}
+    options["deterministic"] = m.deterministic  # the module's current setting
+    linen_module = MultiHeadAttention(**options)
     params = {n: getattr(m, n)[...] for n in PARAM_AXES if getattr(m, n) is not None}
     return linen_module, {"params": params}

@@ -83,8 +83,10 @@ def layout_permutation(length: int, num_devices: int, layout: str) -> np.ndarray
     if length % num_devices:
         raise ValueError(f"sequence length {length} must be a multiple of {num_devices} devices")
     L = length // num_devices
-    return np.concatenate([np.asarray(positions(i, num_devices, L, layout))
-                           for i in range(num_devices)])
+    nc = check_layout(layout, L)
+    c = L // nc
+    return np.concatenate([ch * c + np.arange(c) for i in range(num_devices)
+                           for ch in chunk_ids(i, num_devices, layout)]).astype(np.int32)
 
 
 def to_layout(x: Array, num_devices: int, layout: str, axis: int = 1) -> Array:
@@ -241,7 +243,7 @@ def all_gather_attention(q: Array, k: Array, v: Array, *, axis_name: str, mask=N
     check_layout(layout, Sl, "local key length")
     mask = prepare_mask(mask)
     q_pos = positions(i, P, Tl, layout)
-    kv_pos = jnp.concatenate([positions(j, P, Sl, layout) for j in range(P)])  # [S] static
+    kv_pos = layout_permutation(P * Sl, P, layout)  # [S] static: device order
     if k.shape[-1] == v.shape[-1] and k.dtype == v.dtype:
         kv = lax.all_gather(jnp.stack([k, v]), axis_name, axis=2, tiled=True)  # [2, B, S, K, H]
         k_all, v_all = kv[0], kv[1]
