@@ -122,7 +122,10 @@ class AttentionConfig:
       in_k_features: width of ``inputs_k`` (torch's ``kdim``); default D.
       in_v_features: width of ``inputs_v`` (torch's ``vdim``); default the key width.
       out_features: output width; default D.
-      use_bias: biases on the four projections.
+      use_bias: biases on the four projections (the default of each
+        per-projection flag below).
+      q_bias, k_bias, v_bias, o_bias: a bias on that projection; ``None``
+        (default) means ``use_bias``. E.g. Qwen 2: q, k, v but not o.
       dropout_rate: dropout on the attention weights, in ``[0, 1)``.
       dtype: computation dtype; default: promoted from inputs and parameters.
       param_dtype: parameter dtype.
@@ -151,6 +154,10 @@ class AttentionConfig:
     in_v_features: int | None = None
     out_features: int | None = None
     use_bias: bool = True
+    q_bias: bool | None = None
+    k_bias: bool | None = None
+    v_bias: bool | None = None
+    o_bias: bool | None = None
     dropout_rate: float = 0.0
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -184,7 +191,7 @@ class AttentionConfig:
                             ("head_dim", H), ("v_head_dim", V), ("in_k_features", Dk),
                             ("in_v_features", Dv), ("out_features", Do)):
             resolve(name, value)
-        for name in ("use_bias",):
+        for name in ("use_bias", "q_bias", "k_bias", "v_bias", "o_bias"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool; got {value!r}")
@@ -224,7 +231,8 @@ class AttentionConfig:
 
     def has_bias(self, projection: str) -> bool:
         """Whether projection ``"q" | "k" | "v" | "o"`` has a bias."""
-        return self.use_bias
+        flag = getattr(self, f"{projection}_bias")
+        return self.use_bias if flag is None else flag
 
     @property
     def is_self_attention_only(self) -> bool:

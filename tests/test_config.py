@@ -1,4 +1,5 @@
-"""AttentionConfig: validation with named numbers, derived sizes, the parameter table.
+"""AttentionConfig: validation with named numbers, derived sizes, the parameter table, and
+one option reaching the NNX module, Linen, convert and head parallelism through the config.
 
 Tolerances: float32, the same computation on both sides (1e-6 absolute), head
 parallel against one device 2e-5 as in tests/test_sharding.py.
@@ -13,7 +14,7 @@ import pytest
 from flax import nnx
 
 import attention_jax as aj
-from attention_jax import layer
+from attention_jax import convert, layer, sharding
 from attention_jax import linen as ajl
 from attention_jax.config import PARAM_AXES, AttentionConfig
 
@@ -131,3 +132,50 @@ def test_reduce_hook_is_applied_before_the_bias():
     y = layer.attention_layer(m.config, m.param_values(), x)
     y2 = layer.attention_layer(m.config, m.param_values(), x, reduce=lambda t: 2 * t)
     np.testing.assert_allclose(y2, 2 * (y - 1.0) + 1.0, **TOL)
+
+
+# --------------------------------------------------------------------------- one option
+# ``q_bias`` / ``k_bias`` / ``v_bias`` / ``o_bias`` were added to AttentionConfig after the
+# module, Linen, convert and head parallelism read their options from the config; none
+# of them was edited for it. Qwen 2's layout: biases on q, k, v but not on o.
+
+
+QWEN2_BIASES = dict(use_bias=False, q_bias=True, k_bias=True, v_bias=True)
+
+
+def test_per_projection_biases_reach_the_module():
+    m = aj.GroupedQueryAttention(32, 4, 2, **QWEN2_BIASES, rngs=nnx.Rngs(0))
+    assert m.o_bias is None and m.q_bias.shape == (4, 8) and m.v_bias.shape == (2, 8)
+    assert m.config.has_bias("k") and not m.config.has_bias("o")
+
+
+def test_per_projection_biases_reach_linen():
+    attn = ajl.GroupedQueryAttention(4, 2, **QWEN2_BIASES)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 32))
+    variables = attn.init(jax.random.key(1), x)
+    assert set(variables["params"]) == {"q_kernel", "k_kernel", "v_kernel", "o_kernel",
+                                        "q_bias", "k_bias", "v_bias"}
+    nnx_module = ajl.to_nnx(attn, variables)
+    assert nnx_module.config.q_bias is True and nnx_module.o_bias is None
+    np.testing.assert_allclose(nnx_module(x), attn.apply(variables, x), **TOL)
+    back, v2 = ajl.from_nnx(nnx_module)
+    assert back.q_bias is True and "o_bias" not in v2["params"]
+
+
+def test_per_projection_biases_reach_convert():
+    m = aj.MultiHeadAttention(32, 4, **QWEN2_BIASES, rngs=nnx.Rngs(0))
+    m.k_bias[...] = jax.random.normal(jax.random.key(2), m.k_bias.shape)
+    mqa = convert.mha_to_mqa(m)
+    assert mqa.config == m.config.replace(num_kv_heads=1)
+    assert mqa.o_bias is None
+    np.testing.assert_allclose(mqa.k_bias[...], m.k_bias[...].mean(0, keepdims=True), **TOL)
+
+
+def test_per_projection_biases_reach_head_parallel():
+    m = aj.GroupedQueryAttention(32, 8, 2, **QWEN2_BIASES, rngs=nnx.Rngs(0))
+    m.q_bias[...] = jax.random.normal(jax.random.key(3), m.q_bias.shape)
+    x = jax.random.normal(jax.random.key(4), (4, 6, 32))
+    want = m(x, is_causal=True)
+    hp = sharding.head_parallel(m, sharding.make_mesh(data=2, model=4))
+    got = nnx.jit(lambda mod, x: mod(x, is_causal=True))(hp, x)
+    np.testing.assert_allclose(got, want, **SHARD_TOL)
