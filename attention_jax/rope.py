@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -141,7 +142,7 @@ class Rope:
         for name in ("theta", "factor", "low_freq_factor", "high_freq_factor",
                      "beta_fast", "beta_slow"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"Rope.{name} must be a number; got {value!r}")
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"Rope.{name} must be > 0; got {value}")
