@@ -290,8 +290,9 @@ def context_decode_attention(q: Array, k_cache: Array, v_cache: Array, lengths: 
 
     Device i holds cache rows ``[i*L, (i+1)*L)`` (contiguous, L = S/P) and the same
     queries as every other device of the axis. Each device attends to its part; the
-    partial outputs and log-sum-exps are merged after **one** all-gather of
-    ``[B, T, N, V+1]`` per device (flash-decoding across devices).
+    partial outputs and log-sum-exps are merged after **one** collective (a psum of
+    the ``[P, B, T, N, V+1]`` partials, each device filling its row: flash-decoding
+    across devices); the result is replicated over ``axis_name`` (out_specs without it).
 
     Args:
       q: ``[B, T, N, H]`` the new queries (replicated over ``axis_name``).
@@ -322,7 +323,10 @@ def context_decode_attention(q: Array, k_cache: Array, v_cache: Array, lengths: 
                                        q_positions=q_positions, kv_positions=kv_pos,
                                        head_offset=head_offset, scale=scale)
     packed = jnp.concatenate([out, lse[..., None]], axis=-1)  # [B, T, N, V+1]
-    packed = lax.all_gather(packed, axis_name)  # [P, B, T, N, V+1]: the one collective
+    # [P, B, T, N, V+1]: each device fills its row, one psum (an all-gather whose result
+    # shard_map knows to be the same on every device of the axis): the one collective.
+    rows = jnp.zeros((P, *packed.shape), packed.dtype).at[i].set(packed)
+    packed = lax.psum(rows, axis_name)
     out, lse = merge_all(packed[..., :-1], packed[..., -1])
     if sinks is not None:
         s = jnp.broadcast_to(sinks.astype(jnp.float32), lse.shape)
