@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -115,6 +115,7 @@ class _Methods:
         return_weights: bool = False,
         positions: Array | None = None,
         kv_positions: Array | None = None,
+        score_mod: Callable[..., Array] | None = None,
     ) -> Array | tuple[Array, Array]:
         """Attends ``inputs_q`` to ``inputs_k`` / ``inputs_v``.
 
@@ -127,7 +128,7 @@ class _Methods:
           deterministic: disable dropout (default: the module's setting;
             dropout is on when ``dropout_rate > 0`` and nothing says otherwise).
           return_weights: also return the ``[B, N, T, S]`` attention weights.
-          positions, kv_positions: absolute positions for rope, as in the NNX module.
+          positions, kv_positions, score_mod: as in the NNX module.
 
         Returns:
           ``[B, T, Do]``, and the weights when ``return_weights``.
@@ -140,6 +141,7 @@ class _Methods:
             config, self._params(config), inputs_q, inputs_k, inputs_v, mask=mask,
             is_causal=is_causal, dropout_rng=self._dropout_rng(deterministic),
             return_weights=return_weights, positions=positions, kv_positions=kv_positions,
+            score_mod=score_mod,
         )
 
     def _widths(self, inputs_q, inputs_k, inputs_v) -> tuple[int, int, int]:

@@ -233,6 +233,7 @@ class MultiHeadAttention(nnx.Module):
         return_weights: bool = False,
         positions: Array | None = None,
         kv_positions: Array | None = None,
+        score_mod: Callable[..., Array] | None = None,
     ) -> Array | tuple[Array, Array]:
         """Attends ``inputs_q`` to ``inputs_k`` / ``inputs_v``.
 
@@ -240,11 +241,15 @@ class MultiHeadAttention(nnx.Module):
           inputs_q: ``[B, T, D]``.
           inputs_k: ``[B, S, Dk]``; default ``inputs_q`` (self-attention).
           inputs_v: ``[B, S, Dv]``; default ``inputs_k``.
-          mask: boolean, broadcastable to ``[B, N, T, S]``; True = attend.
-          is_causal: add the top-left aligned causal mask.
+          mask: boolean, broadcastable to ``[B, N, T, S]``, True = attend; or a
+            mask object of :mod:`attention_jax.masks` (``Causal() & SlidingWindow(512)``,
+            ``Segments(ids)``), evaluated at ``positions``.
+          is_causal: add the causal mask (at ``positions``: top-left by default).
           deterministic: disable dropout (default: the module's setting;
             dropout is on when ``dropout_rate > 0`` and nothing says otherwise).
           return_weights: also return the ``[B, N, T, S]`` attention weights.
+          score_mod: ``fn(score, b, n, t, s) -> score`` on the scaled logits
+            (:mod:`attention_jax.scores`: ``softcap``, ``alibi``).
           positions: ``[T]`` or ``[B, T]`` absolute query positions for rope
             (left padding, offsets); default ``arange(T)``.
           kv_positions: ``[S]`` or ``[B, S]`` key positions; default ``positions``
@@ -257,6 +262,7 @@ class MultiHeadAttention(nnx.Module):
             self.config, self.param_values(), inputs_q, inputs_k, inputs_v, mask=mask,
             is_causal=is_causal, dropout_rng=self.dropout_key(deterministic),
             return_weights=return_weights, positions=positions, kv_positions=kv_positions,
+            score_mod=score_mod,
         )
 
     # -- decoding ----------------------------------------------------------

@@ -37,7 +37,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from attention_jax import cache as kv_cache
-from attention_jax import layer, modules
+from attention_jax import layer, masks, modules
 from attention_jax.cache import KVCache
 from attention_jax.config import KV_HEADS, PARAM_AXES, AttentionConfig
 from attention_jax.parallel import heads_decode
@@ -110,7 +110,7 @@ class _Plan:
 
 
 def _local_forward(params, inputs: Inputs, mask, dropout_rng, positions, kv_positions, *,
-                   plan: _Plan, data_axis: str | None, vma: bool):
+                   plan: _Plan, data_axis: str | None, vma: bool, score_mod=None):
     """One device: its heads' attention layer, the psum over ``model`` inside it.
 
     Args:
@@ -120,6 +120,7 @@ def _local_forward(params, inputs: Inputs, mask, dropout_rng, positions, kv_posi
       mask: ``[B/data | 1, N/model | 1, T | 1, S | 1]`` or None.
       dropout_rng: a key shared by all devices, or None.
       positions, kv_positions: ``[T]`` / ``[B/data, T]`` (and S) or None.
+      score_mod: the caller's score modifier (it sees global heads: ``head_offset``).
 
     Returns:
       ``(y [B/data, T, Do], local weights [B/data, N/model, T, S] | None)``.
@@ -133,10 +134,15 @@ def _local_forward(params, inputs: Inputs, mask, dropout_rng, positions, kv_posi
         dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(MODEL))
         if data_axis is not None:
             dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(data_axis))
+    head_offset = 0
+    if isinstance(mask, masks.Mask) or score_mod is not None:
+        # per-head masks and score mods see this device's global head indices
+        head_offset = jax.lax.axis_index(MODEL) * params["q_kernel"].shape[1]
     out = layer.attention_layer(
         plan.config, params, inputs.q, inputs.k, inputs.v, mask=mask,
         is_causal=plan.is_causal, dropout_rng=dropout_rng, return_weights=plan.return_weights,
         positions=positions, kv_positions=kv_positions, reduce=psum_model,
+        score_mod=score_mod, head_offset=head_offset,
     )
     return out if plan.return_weights else (out, None)
 
@@ -148,20 +154,33 @@ def _positions_spec(positions: Array | None) -> P | None:
     return P(DATA, None) if positions.ndim == 2 else P(None)
 
 
-@functools.partial(jax.jit, static_argnames="plan")
-def _shard_map_run(params, inputs, mask, rng, positions, kv_positions, *, plan: _Plan):
-    """``jax.shard_map`` of :func:`_local_forward` over the plan's mesh.
+def _mask_specs(mask, num_heads: int, batch: int):
+    """Specs of a dense mask (:func:`mask_spec`) or of a mask object's arrays: these are
+    per batch row (segment ids, lengths), so a leading dim of B goes over ``data``."""
+    if mask is None:
+        return None
+    if not isinstance(mask, masks.Mask):
+        return mask_spec(mask.shape, num_heads)
 
-    Jitted (also when called eagerly) so that an eager call compiles once.
-    """
+    def leaf_spec(x):
+        rows = x.ndim > 0 and x.shape[0] == batch and batch > 1
+        return P(DATA if rows else None, *([None] * max(x.ndim - 1, 0)))
+
+    return jax.tree.map(leaf_spec, mask)
+
+
+def _shard_map_impl(params, inputs, mask, rng, positions, kv_positions, *, plan: _Plan,
+                    score_mod=None):
+    """``jax.shard_map`` of :func:`_local_forward` over the plan's mesh."""
     mesh = plan.mesh
     p_specs = {n: None if p is None else dict(plan.specs)[n] for n, p in params.items()}
     x_spec = P(DATA, None, None)  # x: [B/data, T, D] on every model shard
     i_specs = jax.tree.map(lambda _: x_spec, inputs)
-    m_spec = None if mask is None else mask_spec(mask.shape, plan.config.num_heads)
+    m_spec = _mask_specs(mask, plan.config.num_heads, inputs.q.shape[0])
     w_spec = P(DATA, MODEL, None, None)  # weights: [B/data, N/model, T, S]
     pos_specs = (_positions_spec(positions), _positions_spec(kv_positions))
-    body = functools.partial(_local_forward, plan=plan, data_axis=DATA, vma=True)
+    body = functools.partial(_local_forward, plan=plan, data_axis=DATA, vma=True,
+                             score_mod=score_mod)
 
     def run(*args):
         y, w = body(*args)
@@ -170,7 +189,8 @@ def _shard_map_run(params, inputs, mask, rng, positions, kv_positions, *, plan: 
     params = {n: None if p is None else explicit_reshard(p, mesh, p_specs[n])
               for n, p in params.items()}
     inputs = jax.tree.map(lambda x: explicit_reshard(x, mesh, x_spec), inputs)
-    mask = None if mask is None else explicit_reshard(mask, mesh, m_spec)
+    mask = None if mask is None else jax.tree.map(
+        lambda m, s: explicit_reshard(m, mesh, s), mask, m_spec)
     positions, kv_positions = (None if p is None else explicit_reshard(p, mesh, s)
                                for p, s in zip((positions, kv_positions), pos_specs,
                                                strict=True))
@@ -180,6 +200,12 @@ def _shard_map_run(params, inputs, mask, rng, positions, kv_positions, *, plan: 
         out_specs=(x_spec, w_spec) if plan.return_weights else x_spec,
     )(params, inputs, mask, rng, positions, kv_positions)
     return out if plan.return_weights else (out, None)
+
+
+# Jitted (also when called eagerly) so that an eager call compiles once. A call with a
+# score_mod runs the impl unjitted (the score_mod may close over traced arrays, which a
+# static argument would freeze): under the caller's jit it traces once all the same.
+_shard_map_run = jax.jit(_shard_map_impl, static_argnames="plan")
 
 
 def _without_explicit_types(fn, mesh: Mesh, num_outputs: int):
@@ -229,7 +255,8 @@ def _pmap_run(params, inputs, mask, rng, positions, kv_positions, *, plan: _Plan
                for n, p in params.items()}  # e.g. q_kernel: [m, D, N/m, H]
     p_axes = {n: None if p is None or split[n] is None else 0 for n, p in params.items()}
     m_axis = None
-    if mask is not None and mask_spec(mask.shape, plan.config.num_heads)[1] == MODEL:
+    if mask is not None and not isinstance(mask, masks.Mask) and mask_spec(
+            mask.shape, plan.config.num_heads)[1] == MODEL:
         mask, m_axis = _stack(mask, 1, m), 0  # [m, B, N/m, T, S]
     pmapped = jax.pmap(
         functools.partial(_local_forward, plan=plan, data_axis=None, vma=False),
@@ -289,8 +316,13 @@ class HeadParallelAttention(nnx.Module):
         return_weights: bool = False,
         positions: Array | None = None,
         kv_positions: Array | None = None,
+        score_mod=None,
     ) -> Array | tuple[Array, Array]:
         """As :meth:`MultiHeadAttention.__call__`; B must be divisible by ``data``.
+
+        A mask object's arrays (segment ids, lengths) are split over ``data`` with
+        the rows; per-head masks and ``score_mod`` see global head indices.
+        ``score_mod`` needs ``backend="shard_map"``.
 
         Returns:
           ``[B, T, Do]`` sharded ``P('data')``, and the weights ``[B, N, T, S]``
@@ -300,14 +332,22 @@ class HeadParallelAttention(nnx.Module):
         xq, xk, _ = module.resolve_inputs(inputs_q, inputs_k, inputs_v)
         B, T, S = xq.shape[0], xq.shape[1], xk.shape[1]
         check_batch(B, self.mesh)
-        if mask is not None:
+        if isinstance(mask, masks.Mask):
+            mask.check(B, module.config.num_heads, T, S)
+        elif mask is not None:
             mask = mask_4d(mask, (B, module.config.num_heads, T, S))
+        if score_mod is not None and self.backend != "shard_map":
+            raise ValueError(f"score_mod needs backend='shard_map'; this module has "
+                             f"backend={self.backend!r}")
         plan = _Plan(
             backend=self.backend, mesh=self.mesh, layout=self.layout, config=module.config,
             specs=tuple(param_specs(module, self.mesh).items()), is_causal=bool(is_causal),
             return_weights=bool(return_weights),
         )
-        y, w = _RUNS[self.backend](
+        run = _RUNS[self.backend]
+        if score_mod is not None:
+            run = functools.partial(_shard_map_impl, score_mod=score_mod)
+        y, w = run(
             module.param_values(), Inputs(inputs_q, inputs_k, inputs_v), mask,
             module.dropout_key(deterministic), positions, kv_positions, plan=plan,
         )
