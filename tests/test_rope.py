@@ -370,6 +370,7 @@ def test_rope_default_equals_float_theta_and_is_static_hashable():
     assert a.short_factor == (1.0, 2.0) and hash(a) == hash(
         Rope(THETA, "longrope", factor=2.0, original_max_position=8, short_factor=(1.0, 2.0),
              long_factor=(3.0, 4.0), rotary_dim=4))
+    assert Rope(np.float32(THETA), rotary_dim=np.int64(4)) == Rope(THETA, rotary_dim=4)
     with pytest.raises(dataclasses.FrozenInstanceError):
         a.theta = 1.0  # type: ignore[misc]
     jitted = jax.jit(rope.apply_rope, static_argnums=2)  # a Rope is a valid static argument
