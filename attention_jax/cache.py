@@ -11,7 +11,7 @@ k           ``[B, L, K, H]``   keys (rope already applied), float or int8
 v           ``[B, L, K, V]``   values, float or int8
 lengths     ``[B]`` int32      tokens stored per row (rows may differ)
 k_scale     ``[B, L, K]``      int8 caches only: per token and head scales
-v_scale     ``[B, L, K]``      (bfloat16), ``None`` for float caches
+v_scale     ``[B, L, K]``      (float32), ``None`` for float caches
 ==========  =================  ==============================================
 
 One step (:func:`cached_attention`) takes ``t >= 1`` new tokens per row (a
@@ -42,11 +42,24 @@ so nothing in the step reads the updated buffer; larger prefills (and ``"blockwi
 / ``"cudnn"``) attend to the updated cache. Both give the same numbers.
 
 **int8 caches** (``dtype=jnp.int8``) store ``round(x / s)`` with a symmetric scale
-``s = max|x| / 127`` per token and head (over H), the scale in bfloat16, and
-dequantize on read. The element error is at most about ``s / 2`` (one half
-step; a bfloat16-rounded scale may add a clip of the largest element by under
-0.4% of it). Bytes per token: ``K (H + V) + 2 K * 2`` against ``2 K (H + V)``
-for bfloat16 (0.52x at H = V = 64, 0.51x at 128).
+``s = max|x| / 127`` per token and head (over H), the scale in float32, and the
+step dequantizes each block it reads (never the whole cache). The element error
+is at most ``s / 2`` (one half step). Bytes per token: ``K (H + V) + 2 K * 4``
+against ``2 K (H + V)`` for bfloat16 (0.53x at H = V = 64, 0.52x at 128) and
+``4 K (H + V)`` for float32 (0.27x / 0.26x). The scales are float32, not
+bfloat16, because XLA:CPU converts a whole bf16 array to float32 to scatter into
+it or slice it dynamically (a cache-sized copy every step).
+
+**bf16 caches** halve the bytes. On GPU they are read in place like the others.
+On CPU, XLA's float normalization turns the step's bf16 scatter (the write) and
+bf16 dynamic slices (the block reads) into float32 operations on the whole
+buffer, so a bf16 cache step on CPU copies the cache (measured in
+``attention-jax decode``); use float32 or int8 caches there.
+
+**Layout** ``[B, L, K, H]`` (token-major, as stored by every row): the step reads
+a block ``[B, S, K, H]`` of it as one contiguous run per row. ``[B, K, L, H]``
+(torch's) was measured against it (``attention_jax.benchmarks.decode
+--sections layout``).
 
 >>> import jax.numpy as jnp
 >>> c = init_cache(2, 16, num_kv_heads=2, head_dim=8)
@@ -56,30 +69,49 @@ for bfloat16 (0.52x at H = V = 64, 0.51x at 128).
 
 from __future__ import annotations
 
+import contextvars
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.experimental import checkify
 
 from attention_jax import masks, ops
 
 Array = jax.Array
 
 INT8_MAX = 127
-SCALE_DTYPE = jnp.bfloat16
+SCALE_DTYPE = jnp.float32
 
 
 @struct.dataclass
 class KVCache:
-    """Keys, values and per-row lengths of a decoding batch (a pytree; see module doc)."""
+    """Keys, values and per-row lengths of a decoding batch (a pytree; see module doc).
+
+    ``dropped`` and ``clipped`` (``[B]`` int32) are the bookkeeping of jitted
+    steps (see "Capacity"): tokens not stored because the row was full, and
+    steps whose ``valid_lengths`` was outside ``[0, t]`` and was clipped. Left
+    out (None), they are zeros shaped like ``lengths`` (and, for a cache of
+    ``PartitionSpec`` s, the spec of ``lengths``), so ``KVCache(k, v, lengths)``
+    keeps working.
+    """
 
     k: Array  # [B, L, K, H]
     v: Array  # [B, L, K, V]
     lengths: Array  # [B] int32
     k_scale: Array | None = None  # [B, L, K] (int8 caches)
     v_scale: Array | None = None  # [B, L, K] (int8 caches)
+    dropped: Array | None = None  # [B] int32: tokens lost to a full row
+    clipped: Array | None = None  # [B] int32: steps with valid_lengths outside [0, t]
+
+    def __post_init__(self):
+        for name in ("dropped", "clipped"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, _like_lengths(self.lengths))
 
     @property
     def batch_size(self) -> int:
@@ -101,7 +133,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the cache, scales and lengths included."""
+        """Bytes held by the cache, scales, lengths and bookkeeping included."""
         leaves = jax.tree_util.tree_leaves(self)
         return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in leaves)
 
@@ -113,6 +145,41 @@ class KVCache:
             int(np.prod(x.shape[2:])) * jnp.dtype(x.dtype).itemsize
             for x in arrays if x is not None
         )
+
+    def check(self) -> KVCache:
+        """Raises if a (jitted) step dropped tokens or clipped ``valid_lengths``; else self.
+
+        Call it on the cache a jitted step returned (it reads ``dropped`` and
+        ``clipped``, a device-to-host copy of ``2 B`` integers).
+
+        Raises:
+          ValueError: naming the rows, their dropped tokens / clipped steps, and
+            ``max_length``.
+        """
+        dropped, clipped = np.asarray(self.dropped), np.asarray(self.clipped)
+        problems = []
+        for b in np.flatnonzero(dropped):
+            problems.append(f"row {b} dropped {int(dropped[b])} tokens (max_length is "
+                            f"{self.max_length}; its length is {int(self.lengths[b])})")
+        for b in np.flatnonzero(clipped):
+            problems.append(f"row {b} had valid_lengths outside [0, t] in {int(clipped[b])} "
+                            "steps (clipped)")
+        if problems:
+            raise ValueError("KV cache bookkeeping: " + "; ".join(problems))
+        return self
+
+
+def _like_lengths(lengths: Any) -> Any:
+    """Zeros ``[B]`` int32 for an array ``lengths``; ``lengths`` itself for anything else.
+
+    A cache of ``PartitionSpec`` s (``sharding.cache_specs``) thus gets the
+    lengths' spec for its bookkeeping; placeholders jax puts in trees pass through.
+    """
+    if isinstance(lengths, (jax.Array, np.ndarray)) or hasattr(lengths, "aval"):
+        return jnp.zeros(jnp.shape(lengths), jnp.int32)
+    if isinstance(lengths, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(lengths.shape, jnp.int32, sharding=lengths.sharding)
+    return lengths
 
 
 def init_cache(
@@ -132,7 +199,7 @@ def init_cache(
       head_dim: H.
       v_head_dim: V, default H.
       dtype: a float dtype, or ``jnp.int8`` for a quantized cache with
-        bfloat16 scales ``[B, L, K]``.
+        float32 scales ``[B, L, K]``.
 
     Returns:
       A :class:`KVCache`.
@@ -168,7 +235,7 @@ def quantize_int8(x: Array) -> tuple[Array, Array]:
       x: ``[..., H]`` float.
 
     Returns:
-      ``(q [..., H] int8, scale [...] bfloat16)`` with ``x ~= q * scale``; an
+      ``(q [..., H] int8, scale [...] float32)`` with ``x ~= q * scale``; an
       all-zero vector gets scale 0.
     """
     xf = x.astype(jnp.float32)
@@ -198,14 +265,27 @@ def _is_concrete(*xs: Array | int) -> bool:
     return True
 
 
+# Set while a function runs under :func:`checked`: steps then emit checkify checks.
+_CHECKIFY = contextvars.ContextVar("attention_jax_cache_checkify", default=False)
+
+
 def resolve_valid_lengths(valid_lengths: Array | None, batch: int, t: int) -> Array:
     """``[B]`` int32 real tokens per row among t new ones: the given ones checked, or all t.
 
+    Under ``jit`` the values cannot be checked: :func:`update` clips them to
+    ``[0, t]`` and counts the step in ``KVCache.clipped``.
+
     Raises:
+      TypeError: for a float or boolean ``valid_lengths``.
       ValueError: for a shape other than ``[batch]``, or (eagerly) a value outside ``[0, t]``.
     """
     if valid_lengths is None:
         return jnp.full((batch,), t, jnp.int32)
+    dtype = jnp.result_type(valid_lengths)
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(
+            f"valid_lengths must be integers (tokens per row); got dtype {dtype}"
+        )
     valid_lengths = jnp.asarray(valid_lengths, jnp.int32)
     if valid_lengths.shape != (batch,):
         raise ValueError(
@@ -219,18 +299,29 @@ def resolve_valid_lengths(valid_lengths: Array | None, batch: int, t: int) -> Ar
                 f"valid_lengths[{b}] = {int(valid_lengths[b])} is outside [0, {t}] "
                 f"for {t} new tokens"
             )
+    elif _CHECKIFY.get():
+        checkify.check(jnp.all((valid_lengths >= 0) & (valid_lengths <= t)),
+                       f"valid_lengths outside [0, {t}]: {{}}", valid_lengths)
     return valid_lengths
 
 
 def check_capacity(cache: KVCache, new_tokens: Array | int) -> None:
     """Raises if storing ``new_tokens`` (scalar or ``[B]``) would pass ``max_length``.
 
-    Does nothing when the lengths are traced (inside ``jit``); see the module doc.
+    When the lengths are traced (inside ``jit``) nothing can be raised here:
+    the step drops the tokens and counts them in ``cache.dropped`` (call
+    :meth:`KVCache.check` on the result), or, under :func:`checked`, raises
+    through ``checkify``.
 
     Raises:
       ValueError: naming the row, its length, the new tokens and ``max_length``.
     """
     if not _is_concrete(cache.lengths, new_tokens):
+        if _CHECKIFY.get():
+            room = jnp.asarray(cache.lengths) + jnp.asarray(new_tokens) <= cache.max_length
+            checkify.check(jnp.all(room), f"KV cache overflow: lengths {{}} plus new tokens "
+                           f"{{}} pass max_length {cache.max_length}",
+                           cache.lengths, jnp.broadcast_to(new_tokens, cache.lengths.shape))
         return
     lengths = np.asarray(cache.lengths)
     new = np.broadcast_to(np.asarray(new_tokens), lengths.shape)
@@ -244,6 +335,45 @@ def check_capacity(cache: KVCache, new_tokens: Array | int) -> None:
         )
 
 
+def checked(fn: Callable, **jit_kwargs) -> Callable:
+    """``fn`` jitted with the cache's data-dependent checks raising (``jax.experimental.checkify``).
+
+    Inside the returned function, every decode step checks that no row
+    overflows ``max_length`` and that ``valid_lengths`` lies in ``[0, t]``; a
+    failure raises ``checkify.JaxRuntimeError`` after the step with the values.
+    The checks cost a reduction and a host sync per call; without
+    :func:`checked`, a jitted step records the same facts in the cache
+    (``dropped``, ``clipped``) for :meth:`KVCache.check`.
+
+    Args:
+      fn: a function of arrays and pytrees (e.g. ``nnx.split`` state) that runs decode steps.
+      **jit_kwargs: passed to ``jax.jit`` (``donate_argnums=...``).
+
+    >>> import jax.numpy as jnp
+    >>> step = checked(lambda c, k: update(c, k, k), donate_argnums=0)
+    >>> c = step(init_cache(1, 2, 1, 4), jnp.ones((1, 2, 1, 4)))
+    >>> step(c, jnp.ones((1, 1, 1, 4)))  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    JaxRuntimeError: KV cache overflow: ...
+    """
+    def traced(*args, **kwargs):
+        token = _CHECKIFY.set(True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _CHECKIFY.reset(token)
+
+    run = jax.jit(checkify.checkify(traced), **jit_kwargs)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        err, out = run(*args, **kwargs)
+        err.throw()
+        return out
+
+    return call
+
+
 def positions(cache: KVCache, t: int) -> Array:
     """``[B, t]`` absolute positions of the next t tokens of each row."""
     return cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
@@ -251,18 +381,24 @@ def positions(cache: KVCache, t: int) -> Array:
 
 def update(cache: KVCache, k_new: Array, v_new: Array,
            valid_lengths: Array | None = None) -> KVCache:
-    """Stores new keys/values at each row's own length.
+    """Stores new keys/values at each row's own length, in place under a donating ``jit``.
 
     Args:
       cache: the cache.
       k_new: ``[B, t, K, H]`` new keys (rope applied).
       v_new: ``[B, t, K, V]`` new values.
-      valid_lengths: ``[B]`` real tokens among the t (right padding), default t.
+      valid_lengths: ``[B]`` integer real tokens among the t (right padding), default t.
 
     Returns:
       The cache with ``lengths + valid_lengths`` (saturated at L) tokens per row.
-      Positions ``>= L`` are dropped (see the module doc); eager calls raise
-      instead.
+      Under ``jit``: ``valid_lengths`` is clipped to ``[0, t]`` (counted in
+      ``clipped``) and tokens at positions ``>= L`` are dropped (counted in
+      ``dropped``); eager calls raise instead.
+
+    Raises:
+      ValueError: shapes that do not fit the cache; eagerly, an overflow or a
+        ``valid_lengths`` outside ``[0, t]``.
+      TypeError: float ``valid_lengths``; new keys or values that are not floats.
     """
     B, t = k_new.shape[:2]
     expected = ((B, t, *cache.k.shape[2:]), (B, t, *cache.v.shape[2:]))
@@ -271,7 +407,11 @@ def update(cache: KVCache, k_new: Array, v_new: Array,
             f"new keys {k_new.shape} / values {v_new.shape} do not fit the cache "
             f"k {cache.k.shape} / v {cache.v.shape}: expected {expected[0]} / {expected[1]}"
         )
-    valid = resolve_valid_lengths(valid_lengths, B, t)
+    for name, x in (("k_new", k_new), ("v_new", v_new)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must be a float array; got dtype {x.dtype}")
+    given = resolve_valid_lengths(valid_lengths, B, t)
+    valid = jnp.clip(given, 0, t)
     check_capacity(cache, valid)
     L = cache.max_length
     pos = positions(cache, t)  # [B, t]
@@ -282,18 +422,26 @@ def update(cache: KVCache, k_new: Array, v_new: Array,
         return buf.at[rows, pos].set(x.astype(buf.dtype), mode="drop")
 
     lengths = jnp.minimum(cache.lengths + valid, L).astype(jnp.int32)
+    book = dict(
+        lengths=lengths,
+        dropped=cache.dropped + (cache.lengths + valid - lengths).astype(jnp.int32),
+        clipped=cache.clipped + (given != valid).astype(jnp.int32),
+    )
     if not cache.quantized:
-        return cache.replace(k=put(cache.k, k_new), v=put(cache.v, v_new), lengths=lengths)
+        return cache.replace(k=put(cache.k, k_new), v=put(cache.v, v_new), **book)
     kq, ks = quantize_int8(k_new)  # [B, t, K, H], [B, t, K]
     vq, vs = quantize_int8(v_new)
     return cache.replace(
-        k=put(cache.k, kq), v=put(cache.v, vq), lengths=lengths,
-        k_scale=put(cache.k_scale, ks), v_scale=put(cache.v_scale, vs),
+        k=put(cache.k, kq), v=put(cache.v, vq),
+        k_scale=put(cache.k_scale, ks), v_scale=put(cache.v_scale, vs), **book,
     )
 
 
 def read(cache: KVCache, dtype: Any) -> tuple[Array, Array]:
-    """All L positions of keys and values in ``dtype`` (dequantized for int8)."""
+    """All L positions of keys and values in ``dtype`` (dequantized for int8).
+
+    A full-size copy: the decode step does not use it (it reads blocks in place).
+    """
     if not cache.quantized:
         return cache.k.astype(dtype), cache.v.astype(dtype)
     return (dequantize_int8(cache.k, cache.k_scale, dtype),
@@ -315,7 +463,7 @@ def decode_mask(lengths: Array, t: int, max_length: int,
       ``s <= lengths[b] + i`` and ``s < min(lengths[b] + valid_lengths[b], L)``.
     """
     lengths = jnp.asarray(lengths, jnp.int32)
-    valid = resolve_valid_lengths(valid_lengths, lengths.shape[0], t)
+    valid = jnp.clip(resolve_valid_lengths(valid_lengths, lengths.shape[0], t), 0, t)
     stored = jnp.minimum(lengths + valid, max_length)
     return masks.combine_masks(
         masks.causal_mask(t, max_length, offset=lengths),  # [B, 1, t, L]
@@ -336,6 +484,49 @@ def select_kv_heads(cache: KVCache, first: Array | int, count: int) -> KVCache:
                          v_scale=take(cache.v_scale))
 
 
+def check_step_inputs(q: Array, k_new: Array, v_new: Array, cache: KVCache,
+                      mask: Array | None) -> None:
+    """Trace-time checks of a step: ranks, dtypes, head counts and the mask.
+
+    Raises:
+      ValueError: a rank or shape that does not fit (naming the expected
+        ``[B, N, t, L]`` for the mask).
+      TypeError: a mask that is not boolean (decode takes no additive masks), or
+        float queries / keys / values expected.
+    """
+    if q.ndim != 4:
+        raise ValueError(f"q must be [B, t, N, H]; got shape {tuple(q.shape)}")
+    B, t, N, H = q.shape
+    K = k_new.shape[2] if k_new.ndim == 4 else None
+    if k_new.ndim != 4 or v_new.ndim != 4 or N % K or k_new.shape[-1] != H:
+        raise ValueError(
+            f"new keys {tuple(k_new.shape)} / values {tuple(v_new.shape)} do not fit q "
+            f"{tuple(q.shape)}: expected [B={B}, t={t}, K, H={H}] with N={N} divisible by K"
+        )
+    for name, x in (("q", q), ("k_new", k_new), ("v_new", v_new)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must be a float array; got dtype {x.dtype}")
+    if mask is None:
+        return
+    mask = jnp.asarray(mask) if not hasattr(mask, "dtype") else mask
+    if mask.dtype != jnp.bool_:
+        raise TypeError(
+            f"decode mask must be boolean (True = attend); got dtype {mask.dtype}. Decoding "
+            "takes no additive float masks: pass mask != 0 or a bias-free boolean mask"
+        )
+    shape = (B, N, t, cache.max_length)
+    if mask.ndim > 4 or any(a not in (1, b) for a, b in
+                            zip(mask.shape[::-1], shape[::-1], strict=False)):
+        raise ValueError(
+            f"decode mask of shape {tuple(mask.shape)} does not broadcast to "
+            f"[B, N, t, L] = {list(shape)} (L = the cache's max_length)"
+        )
+
+
+# "auto" (and None) runs the block kernel for steps of at most this many new tokens.
+STEP_MAX_T = 16
+
+
 def cached_attention(
     q: Array,
     k_new: Array,
@@ -347,150 +538,58 @@ def cached_attention(
     scale: float | None = None,
     implementation: str | None = None,
     kv_heads: tuple[Array | int, int] | None = None,
+    block: int | None = None,
+    splits: int | None = None,
 ) -> tuple[Array, KVCache]:
     """One decoding step on projected heads: store, then attend to the cache.
 
     Head counts come from the shapes, so a head-parallel caller passes its
-    local heads and its local slice of the cache.
+    local heads and its local slice of the cache. The new keys and values are
+    written first (in place), then the queries attend to the updated cache.
+
+    Backends: ``"decode"``, and ``"auto"`` / None for ``t <= STEP_MAX_T``, run
+    :func:`attention_jax.kernels.decode.cache_attention` (filled blocks only,
+    split-K, int8 dequantized per block, no cache-sized copy); ``"xla"``,
+    ``"blockwise"``, ``"cudnn"`` and larger prefills under ``"auto"`` read all
+    L positions (dequantized) through :func:`attention_jax.ops.dot_product_attention`.
 
     Args:
       q: ``[B, t, N, H]`` new queries (rope applied).
       k_new: ``[B, t, K, H]``; v_new ``[B, t, K, V]``.
       cache: holds ``lengths`` tokens per row before the step.
-      valid_lengths: ``[B]`` real tokens among the t, default t.
+      valid_lengths: ``[B]`` integer real tokens among the t, default t.
       mask: optional extra boolean mask broadcastable to ``[B, N, t, L]``
         (e.g. :func:`attention_jax.masks.sliding_window_mask` with
-        ``offset=cache.lengths``), True = attend.
+        ``offset=cache.lengths``), True = attend. The kernel starts at the
+        first block the mask opens, so a window reads only the window.
       scale, implementation: as in :func:`attention_jax.ops.dot_product_attention`.
       kv_heads: ``(first, count)``: store all K new heads but attend with only
         these kv heads of the cache (:func:`select_kv_heads`); default all K.
+      block, splits: the kernel's block tokens and split-K chunks (defaults:
+        :func:`~attention_jax.kernels.decode.block_tokens`, ``num_splits``).
 
     Returns:
       ``(out [B, t, N, V] in q's dtype, updated cache)``.
     """
-    t = q.shape[1]
-    contraction = _step_contraction(q, cache, implementation)
-    if contraction is not None:
-        out = _step_attention(q, k_new, v_new, cache, valid_lengths=valid_lengths, mask=mask,
-                              scale=scale, kv_heads=kv_heads, flat=contraction == "decode")
-        return out, update(cache, k_new, v_new, valid_lengths)
+    from attention_jax.kernels import decode
+
+    check_step_inputs(q, k_new, v_new, cache, mask)
+    B, t = q.shape[:2]
     new_cache = update(cache, k_new, v_new, valid_lengths)
-    full_mask = masks.combine_masks(
-        decode_mask(cache.lengths, t, cache.max_length, valid_lengths), mask
-    )
+    valid = new_cache.lengths - cache.lengths + (new_cache.dropped - cache.dropped)  # clipped
+    impl = implementation or ops.default_implementation()
     visible = new_cache if kv_heads is None else select_kv_heads(new_cache, *kv_heads)
+    if impl == "decode" or (impl == "auto" and t <= STEP_MAX_T):
+        out = decode.cache_attention(
+            q, visible.k, visible.v, cache.lengths, valid, k_scale=visible.k_scale,
+            v_scale=visible.v_scale, mask=mask, scale=scale, block=block, splits=splits,
+        )
+        return out, new_cache
+    full_mask = masks.combine_masks(
+        decode_mask(cache.lengths, t, cache.max_length, valid), mask
+    )
     k, v = read(visible, q.dtype)  # [B, L, K, H], [B, L, K, V]
     out = ops.dot_product_attention(
         q, k, v, full_mask, scale=scale, implementation=implementation
     )
     return out, new_cache
-
-
-# ---------------------------------------------------------------------------
-# The step path: attend to the old cache and the new tokens, never to the update
-# ---------------------------------------------------------------------------
-
-
-def _step_contraction(q: Array, cache: KVCache, implementation: str | None) -> str | None:
-    """``"xla"`` or ``"decode"`` when a step takes the two-part path, None for the general one.
-
-    A step (few query rows, ``t * N <= AUTO_DECODE_MAX_ROWS``) under ``"auto"``
-    takes it with the contraction ``auto`` would pick for those shapes (the
-    in-place ``"decode"`` one on CPU, einsum elsewhere); ``"xla"`` and
-    ``"decode"`` always do. ``"blockwise"``, ``"cudnn"`` and larger prefills
-    attend to the updated cache through :func:`ops.dot_product_attention`.
-    """
-    from attention_jax.kernels import dispatch
-
-    impl = implementation or ops.default_implementation()
-    if impl in ("xla", "decode"):
-        return impl
-    if impl != "auto" or q.shape[1] * q.shape[2] > dispatch.AUTO_DECODE_MAX_ROWS:
-        return None
-    k = jax.ShapeDtypeStruct(cache.k.shape, q.dtype)
-    v = jax.ShapeDtypeStruct(cache.v.shape, q.dtype)
-    return "decode" if dispatch.choose_implementation(q, k, v) == "decode" else "xla"
-
-
-def _stored(cache: KVCache, x: Array, dtype: Any) -> Array:
-    """New keys or values as the cache will give them back (int8 round trip, cache dtype)."""
-    if cache.quantized:
-        return dequantize_int8(*quantize_int8(x), dtype)
-    return x.astype(cache.k.dtype).astype(dtype)
-
-
-def _step_attention(
-    q: Array,
-    k_new: Array,
-    v_new: Array,
-    cache: KVCache,
-    *,
-    valid_lengths: Array | None,
-    mask: Array | None,
-    scale: float | None,
-    kv_heads: tuple[Array | int, int] | None,
-    flat: bool,
-) -> Array:
-    """:func:`cached_attention`'s output computed from the cache *before* the update.
-
-    Reading the updated buffer would make XLA keep two versions of the whole
-    cache (the in-place update and a copy to read), copying it several times a
-    step; here the step reads the old cache once and the t new tokens apart:
-
-    * old key ``s`` (``[B, L]``): visible iff ``s < lengths[b]`` (every stored
-      token precedes every new query) and the extra mask allows position s;
-    * new key ``j`` (``[B, t]``): visible to query ``i`` iff ``j <= i``,
-      ``j < valid_lengths[b]`` and ``lengths[b] + j < L`` (it gets stored), and
-      the extra mask allows position ``lengths[b] + j``.
-
-    One softmax runs over both parts (float32), the same masks and weights as
-    the general path, so the results agree with it to rounding.
-
-    Returns:
-      ``[B, t, N, V]`` in q's dtype.
-    """
-    from attention_jax.kernels import decode
-
-    B, t, N, _ = q.shape
-    L = cache.max_length
-    valid = resolve_valid_lengths(valid_lengths, B, t)
-    k_in, v_in = _stored(cache, k_new, q.dtype), _stored(cache, v_new, q.dtype)
-    old = cache
-    if kv_heads is not None:
-        old = select_kv_heads(cache, *kv_heads)
-        first, count = kv_heads
-        k_in, v_in = (jax.lax.dynamic_slice_in_dim(x, first, count, axis=2) for x in (k_in, v_in))
-    k_old, v_old = read(old, q.dtype)  # [B, L, K, H], [B, L, K, V]
-
-    lengths = cache.lengths
-    j = jnp.arange(t, dtype=jnp.int32)
-    stored = (j[None, :] < valid[:, None]) & (lengths[:, None] + j[None, :] < L)  # [B, t]
-    mask_old = masks.padding_mask(lengths, L)  # [B, 1, 1, L]
-    mask_new = ops.causal_block(t, t)[None, None] & stored[:, None, None, :]  # [B, 1, t, t]
-    if mask is not None:
-        extra = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape)).astype(bool)
-        extra = jnp.broadcast_to(extra, (*extra.shape[:3], L))  # [B|1, N|1, t|1, L]
-        where = jnp.minimum(lengths[:, None] + j[None, :], L - 1)  # [B, t]
-        eb, en, et, _ = extra.shape
-        extra_new = jnp.take_along_axis(
-            jnp.broadcast_to(extra, (B, en, et, L)),
-            jnp.broadcast_to(where[:, None, None, :], (B, en, et, t)), axis=-1,
-        )  # [B, N|1, t|1, t]
-        mask_old, mask_new = mask_old & extra, mask_new & extra_new
-    Nm = N if mask_old.shape[1] == N or mask_new.shape[1] == N else 1
-    full = jnp.concatenate(
-        [jnp.broadcast_to(mask_old, (B, Nm, t, L)), jnp.broadcast_to(mask_new, (B, Nm, t, t))],
-        axis=-1,
-    )  # [B, N|1, t, L + t]
-    K = k_old.shape[2]
-    full = ops.group_heads(full, (B, N, t, L + t), K)  # [B, K|1, G|1, t, L + t]
-
-    logits_fn = decode.flat_logits if flat else ops.attention_logits
-    combine_fn = decode.flat_combine if flat else ops.combine_values
-    logits = jnp.concatenate(
-        [logits_fn(q, k_old, scale=scale), ops.attention_logits(q, k_in, scale=scale)], axis=-1
-    )  # [B, K, G, t, L + t] float32
-    weights = ops.attention_weights(logits, full)
-    out = (combine_fn(weights[..., :L], v_old, jnp.float32)
-           + ops.combine_values(weights[..., L:], v_in, jnp.float32))  # [B, t, N, V]
-    return out.astype(q.dtype)

@@ -93,3 +93,103 @@ def test_module_decode_uses_the_same_numbers_with_either_backend():
     np.testing.assert_allclose(outs[0][0], outs[1][0], **F32_TOL)
     np.testing.assert_allclose(outs[0][1], outs[1][1], **F32_TOL)
     assert "decode" in ops.available_implementations()
+
+
+# --------------------------------------------------------------------------- cache_attention
+
+
+def _cache_inputs(N, K, t, L, dtype=jnp.float32, seed=0):
+    r = np.random.default_rng(seed)
+    q = jnp.asarray(r.standard_normal((2, t, N, 16)), jnp.float32)
+    k = jnp.asarray(r.standard_normal((2, L, K, 16)), jnp.float32)
+    v = jnp.asarray(r.standard_normal((2, L, K, 8)), jnp.float32)
+    return q, k, v
+
+
+@pytest.mark.parametrize("heads", list(HEADS))
+@pytest.mark.parametrize(("block", "splits"), [(7, 1), (7, 3), (16, 2), (50, 1)])
+def test_cache_attention_matches_reference(heads, block, splits):
+    """Blocks that do not divide L (clamped last block), several chunks, ragged rows with
+    padded queries; against the einsum path over all L positions with cache.decode_mask."""
+    from attention_jax import cache as kv
+
+    N, K = HEADS[heads]
+    t, L = 3, 50
+    q, k, v = _cache_inputs(N, K, t, L)
+    lengths, valid = jnp.array([4, 44]), jnp.array([3, 2])
+    expected = ops.dot_product_attention(q, k, v, kv.decode_mask(lengths, t, L, valid),
+                                         implementation="xla")
+    out = decode.cache_attention(q, k, v, lengths, valid, block=block, splits=splits)
+    np.testing.assert_allclose(out, expected, **F32_TOL)
+
+
+def test_cache_attention_int8_window_and_an_empty_row():
+    """int8 blocks dequantized in the loop equal the dequantized cache; a window mask (the loop
+    starts at its first open block); a row whose queries see nothing gives zeros."""
+    from attention_jax import cache as kv
+
+    N, K, t, L = 4, 2, 2, 40
+    q, k, v = _cache_inputs(N, K, t, L, seed=1)
+    (kq, ks), (vq, vs) = kv.quantize_int8(k), kv.quantize_int8(v)
+    lengths, valid = jnp.array([30, 20]), jnp.array([2, 2])
+    window = masks.sliding_window_mask(t, L, window=5, offset=lengths)  # [B, 1, t, L]
+    window = window & jnp.array([True, False])[:, None, None, None]  # row 1 sees nothing
+    mask = masks.combine_masks(kv.decode_mask(lengths, t, L, valid), window)
+    expected = ops.dot_product_attention(q, kv.dequantize_int8(kq, ks), kv.dequantize_int8(vq, vs),
+                                         mask, implementation="xla")
+    out = decode.cache_attention(q, kq, vq, lengths, valid, k_scale=ks, v_scale=vs,
+                                 mask=window, block=8, splits=2)
+    np.testing.assert_allclose(out, expected, **F32_TOL)
+    np.testing.assert_array_equal(out[1], 0.0)
+
+
+def test_block_and_split_rules():
+    assert decode.block_tokens(1, 32768, 8192) == decode.MIN_BLOCK
+    assert decode.block_tokens(1, 100, 4) == 100  # capped by the cache
+    bt = decode.block_tokens(2, 1 << 20, 512)
+    assert bt & (bt - 1) == 0 and 2 * bt * 512 <= decode.BLOCK_BYTES
+    assert decode.num_splits(4096, 4096, "cpu") == 1
+
+
+# One step through the module, jitted with the cache donated, for the HLO checks.
+HLO_L = 8192
+
+
+def _compiled_step(variant, dtype, t, length, monkeypatch):
+    monkeypatch.setattr(decode, "BLOCK_BYTES", 1 << 14)  # 16 KB blocks: many per cache
+    monkeypatch.setattr(decode, "MIN_BLOCK", 16)
+    N, K = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}[variant]
+    m = MultiHeadAttention(64, N, num_kv_heads=K, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(m)
+
+    def step(params, x, c):
+        return nnx.merge(graphdef, params).decode(x, c)
+
+    cache = m.init_cache(1, length, dtype)
+    compiled = jax.jit(step, donate_argnums=2).lower(params, jnp.ones((1, t, 64)), cache).compile()
+    return compiled, cache
+
+
+@pytest.mark.parametrize(("variant", "dtype", "t"), [
+    ("mha", jnp.float32, 1), ("gqa", jnp.float32, 1), ("mqa", jnp.float32, 1),
+    ("gqa", jnp.int8, 1), ("gqa", jnp.float32, 4), ("mha", jnp.int8, 4),
+])
+def test_jitted_donated_step_has_no_cache_sized_copy(variant, dtype, t, monkeypatch):
+    """Buffer assignment of a jitted step with the cache donated: every cache buffer is
+    aliased in -> out, the scratch (temp) is a few blocks, the same for a cache twice as
+    long, and no HLO instruction copies, transposes or converts a cache-sized array.
+
+    bf16 caches are not checked on CPU: XLA:CPU has no bf16 dynamic-slice or scatter and
+    converts the cache for them (see attention_jax/cache.py, "bf16 caches")."""
+    compiled, cache = _compiled_step(variant, dtype, t, HLO_L, monkeypatch)
+    mem = compiled.memory_analysis()
+    assert mem.alias_size_in_bytes >= cache.nbytes
+    longer = _compiled_step(variant, dtype, t, 2 * HLO_L, monkeypatch)[0].memory_analysis()
+    assert longer.temp_size_in_bytes <= mem.temp_size_in_bytes + 1024, (
+        longer.temp_size_in_bytes, mem.temp_size_in_bytes)
+    assert mem.temp_size_in_bytes < cache.nbytes / 2
+    dims = ",".join(map(str, cache.k.shape))
+    bad = [line for line in compiled.as_text().splitlines()
+           if f"[{dims}]" in line and any(f" {op}(" in line for op in
+                                          ("copy", "transpose", "convert"))]
+    assert not bad, bad[:3]

@@ -27,13 +27,15 @@ masks, bias and float32 softmax are those of :func:`attention_jax.ops.attention_
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from attention_jax import ops
 
 Array = jax.Array
-
 
 
 def flat_logits(q: Array, k: Array, *, scale: float | None = None) -> Array:
@@ -94,3 +96,194 @@ def decode_core(
     """
     return ops.attention_core(q, k, v, mask, bias, is_causal=is_causal, scale=scale,
                               logits_fn=flat_logits, combine_fn=flat_combine)
+
+
+# ---------------------------------------------------------------------------
+# Attention over a KV cache: only the filled blocks, split-K, read in place
+# ---------------------------------------------------------------------------
+
+# Bytes of keys + values (all rows) one cache block should hold, and the bounds on
+# its tokens. Measured on CPU (see ``block_tokens``).
+BLOCK_BYTES = 1 << 20
+MIN_BLOCK, MAX_BLOCK = 128, 8192
+# Split-K: the filled blocks are cut into this many contiguous chunks, each with its
+# own online softmax (independent work XLA can run concurrently), merged at the end
+# by their log-sum-exps. Measured on CPU (see ``num_splits``).
+SPLIT_MIN_BLOCKS = 4
+
+
+def block_tokens(batch: int, max_length: int, bytes_per_token: int) -> int:
+    """Tokens per cache block: about ``BLOCK_BYTES`` of keys and values, a power of 2.
+
+    Clipped to ``[MIN_BLOCK, MAX_BLOCK]`` and to ``max_length``.
+
+    >>> block_tokens(1, 32768, 8192), block_tokens(1, 32768, 512), block_tokens(4, 100, 512)
+    (128, 2048, 100)
+    """
+    target = max(1, BLOCK_BYTES // max(1, batch * bytes_per_token))
+    tokens = 1 << max(0, target.bit_length() - 1)  # power of 2 at most target
+    return int(min(max_length, max(MIN_BLOCK, min(MAX_BLOCK, tokens))))
+
+
+def num_splits(max_length: int, block: int, platform: str | None = None) -> int:
+    """Chunks for split-K: 2 on CPU once the cache holds ``SPLIT_MIN_BLOCKS`` blocks, else 1.
+
+    >>> num_splits(32768, 512, "cpu"), num_splits(1024, 512, "cpu")
+    (2, 1)
+    """
+    platform = platform or jax.default_backend()
+    blocks = -(-max_length // block)
+    if blocks < SPLIT_MIN_BLOCKS:
+        return 1
+    return 2 if platform == "cpu" else 4
+
+
+def _read_block(x: Array, start: Array, block: int) -> Array:
+    """``x[:, start:start + block]`` as float32, converted on the block only.
+
+    XLA:CPU has no bf16 / f16 dynamic-slice: its float normalization converts the
+    operand, the whole cache, to float32, and the loop-invariant conversion is then
+    hoisted out of the loop (a cache-sized copy per step). Inside a ``lax.cond``
+    the conversion stays fused with the slice.
+    """
+    def take(x):
+        return lax.dynamic_slice_in_dim(x, start, block, axis=1).astype(jnp.float32)
+
+    if x.dtype.itemsize != 2 or jax.default_backend() != "cpu":
+        return take(x)
+    shape = (x.shape[0], block, *x.shape[2:])
+    return lax.cond(start >= 0, take, lambda x: jnp.zeros(shape, jnp.float32), x)
+
+
+def _merge(a: tuple[Array, Array, Array], b: tuple[Array, Array, Array]):
+    """Merges two online-softmax states ``(m, l, acc)`` by their running maxima."""
+    (ma, la, acca), (mb, lb, accb) = a, b
+    m = jnp.maximum(ma, mb)
+    m_safe = jnp.where(jnp.isneginf(m), 0.0, m)
+    ca, cb = jnp.exp(ma - m_safe), jnp.exp(mb - m_safe)  # 0 where a side saw nothing
+    return m, la * ca + lb * cb, acca * ca[..., None] + accb * cb[..., None]
+
+
+def cache_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    lengths: Array,
+    valid_lengths: Array,
+    *,
+    k_scale: Array | None = None,
+    v_scale: Array | None = None,
+    mask: Array | None = None,
+    scale: float | None = None,
+    block: int | None = None,
+    splits: int | None = None,
+) -> Array:
+    """t new queries per row against a KV cache that already holds them, filled blocks only.
+
+    The cache is read where it lies (``[B, L, K, H]``, no copy, no dequantized or
+    transposed version of it): a ``lax.while_loop`` walks ``block``-token blocks
+    from the first block the mask opens to the last one any row has filled,
+    ``max_b min(lengths[b] + valid_lengths[b], L)``, so a 32k-slot cache holding
+    1k tokens costs a 1k step. Each block is sliced (``dynamic_slice``),
+    converted to float32 (int8: times its per-token scales, on the block), and
+    contracted; an online softmax (float32) carries the running max, sum and
+    output. Split-K: the blocks are cut into ``splits`` contiguous chunks
+    walked by the same loop side by side (independent work), merged by their
+    log-sum-exps at the end.
+
+    Ragged rows: every row reads the same block range (the longest row's); a
+    shorter row's unfilled positions are masked, not skipped.
+
+    Visible keys: position ``s`` is visible to query ``i`` of row ``b`` iff
+    ``s <= lengths[b] + i``, ``s < min(lengths[b] + valid_lengths[b], L)`` and
+    ``mask`` allows it (the causal mask of :func:`attention_jax.cache.decode_mask`).
+
+    Args:
+      q: ``[B, t, N, H]`` queries at positions ``lengths + arange(t)``.
+      k: ``[B, L, K, H]`` cache keys (float, or int8 with ``k_scale [B, L, K]``),
+        the step's new keys already stored.
+      v: ``[B, L, K, V]`` cache values (float, or int8 with ``v_scale``).
+      lengths: ``[B]`` int32 tokens stored *before* the step.
+      valid_lengths: ``[B]`` int32 real new tokens, in ``[0, t]``.
+      mask: optional boolean ``[B|1, N|1, t|1, L]``.
+      scale: default ``1/sqrt(H)``.
+      block: tokens per block, default :func:`block_tokens`.
+      splits: split-K chunks, default :func:`num_splits`.
+
+    Returns:
+      ``[B, t, N, V]`` in q's dtype; a query that sees no key gives zeros.
+
+    >>> import jax.numpy as jnp
+    >>> q, kv = jnp.ones((2, 1, 8, 16)), jnp.ones((2, 100, 2, 16))
+    >>> n = jnp.array([5, 99]); cache_attention(q, kv, kv, n, jnp.ones(2, jnp.int32)).shape
+    (2, 1, 8, 16)
+    """
+    B, t, N, H = q.shape
+    L, K, V = k.shape[1], k.shape[2], v.shape[-1]
+    G = N // K
+    quantized = k_scale is not None
+    if block is None:
+        item = jnp.dtype(k.dtype).itemsize
+        block = block_tokens(B, L, K * (H + V) * item + (8 * K if quantized else 0))
+    block = int(min(block, L))
+    P = num_splits(L, block) if splits is None else int(splits)
+    scale = ops.default_scale(H) if scale is None else scale
+    qf = (q.astype(jnp.float32) * jnp.float32(scale)).reshape(B, t, K, G, H)
+
+    lengths = lengths.astype(jnp.int32)
+    stored = jnp.minimum(lengths + valid_lengths.astype(jnp.int32), L)  # [B]
+    hi = jnp.max(stored)  # positions to read
+    if mask is not None:
+        mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape)).astype(bool)
+        mask = jnp.broadcast_to(mask, (*mask.shape[:3], L))
+        mask = ops.group_heads(mask, (B, N, t, L), K)  # [B|1, K|1, G|1, t|1, L]
+        opened = jnp.any(mask, axis=(0, 1, 2, 3))  # [L]
+        lo = jnp.where(jnp.any(opened), jnp.argmax(opened), hi).astype(jnp.int32)
+        lo = (jnp.minimum(lo, hi) // block) * block
+    else:
+        lo = jnp.int32(0)
+    n_blocks = (hi - lo + block - 1) // block
+    n_iter = (n_blocks + P - 1) // P  # each chunk walks this many blocks
+    qpos = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, t]
+
+    def block_state(i, p):
+        start = lo + (p * n_iter + i) * block  # wanted first position
+        real = jnp.minimum(start, L - block)  # dynamic_slice clamps; use the real one
+        pos = real + jnp.arange(block, dtype=jnp.int32)  # [S]
+        kb, vb = (_read_block(x, real, block) for x in (k, v))  # [B, S, K, H|V] f32
+        s = jnp.einsum("BTKGH,BSKH->BKGTS", qf, kb)  # [B, K, G, t, S]
+        if quantized:
+            ks = _read_block(k_scale, real, block)  # [B, S, K]
+            s = s * ks.transpose(0, 2, 1)[:, :, None, None, :]  # [B, K, 1, 1, S]
+        seen = ((pos[None, None, :] <= qpos[:, :, None])  # causal  [B, t, S]
+                & (pos[None, None, :] < stored[:, None, None])  # stored
+                & (pos >= start)[None, None, :]  # not in the chunk's previous block
+                & (pos < lo + (p + 1) * n_iter * block)[None, None, :])  # nor the next chunk's
+        seen = seen[:, None, None]  # [B, 1, 1, t, S]
+        if mask is not None:
+            seen = seen & lax.dynamic_slice_in_dim(mask, real, block, axis=-1)
+        s = jnp.where(seen, s, -jnp.inf)
+        if quantized:
+            vs = _read_block(v_scale, real, block)
+            vb = vb * vs[..., None]
+        return s, seen, vb
+
+    def body(i, states):
+        out = []
+        for p, (m, l, acc) in enumerate(states):
+            s, seen, vb = block_state(i, p)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))  # [B, K, G, t]
+            m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
+            w = jnp.where(seen, jnp.exp(s - m_safe[..., None]), 0.0)
+            c = jnp.exp(m - m_safe)
+            pv = jnp.einsum("BKGTS,BSKV->BKGTV", w, vb)
+            out.append((m_new, l * c + w.sum(-1), acc * c[..., None] + pv))
+        return tuple(out)
+
+    shape = (B, K, G, t)
+    init = tuple((jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+                  jnp.zeros((*shape, V), jnp.float32)) for _ in range(P))
+    states = lax.fori_loop(0, n_iter, body, init)
+    m, l, acc = functools.reduce(_merge, states)
+    out = acc / jnp.where(l == 0, 1.0, l)[..., None]  # [B, K, G, t, V]; unseen rows: 0
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, t, N, V).astype(q.dtype)
