@@ -25,7 +25,13 @@ import numpy as np
 from flax import nnx
 
 from attention_jax import sharding
-from attention_jax.cli import format_value, print_table, progress_bar
+from attention_jax.cli import (
+    format_collectives,
+    format_column,
+    print_table,
+    print_text,
+    progress_bar,
+)
 from attention_jax.modules import MultiHeadAttention
 
 NOTES = (
@@ -34,6 +40,10 @@ NOTES = (
     "head-parallel forward vs one device; collectives: non-trivial ops in the compiled sharded "
     "forward / forward+backward (op@mesh axes:count); times are medians."
 )
+
+
+# PyTorch's own CPU wheel index: a plain `pip install torch` on Linux pulls the CUDA build.
+TORCH_HINT = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,11 +157,6 @@ def _jit_split(model: nnx.Module):
     return forward, forward_backward, state
 
 
-def _count(summary: dict[str, int]) -> str:
-    """``{"all-reduce@model": 1}`` -> ``"all-reduce@model:1"``; ``"none"`` when empty."""
-    return " ".join(f"{k}:{v}" for k, v in summary.items()) or "none"
-
-
 def run_sharded(model: MultiHeadAttention, x: jax.Array, y: jax.Array, mesh) -> dict:
     """The module head-parallel on ``mesh``: error against ``y`` and collectives."""
     hp = sharding.head_parallel(nnx.clone(model), mesh)
@@ -161,8 +166,8 @@ def run_sharded(model: MultiHeadAttention, x: jax.Array, y: jax.Array, mesh) -> 
     y_sharded = fwd(state, x)
     return {
         "sharded_err": float(np.max(np.abs(np.asarray(y_sharded) - np.asarray(y)))),
-        "fwd_collectives": _count(sharding.collective_summary(fwd, mesh)),
-        "bwd_collectives": _count(sharding.collective_summary(bwd, mesh)),
+        "fwd_collectives": format_collectives(sharding.collective_summary(fwd, mesh)),
+        "bwd_collectives": format_collectives(sharding.collective_summary(bwd, mesh)),
     }
 
 
@@ -194,9 +199,20 @@ def run_variant(cfg: DemoConfig, name: str, num_kv_heads: int, mesh=None) -> dic
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    """Rows of dicts as an aligned plain-text table (the printed one is a rich table)."""
+    """Rows of dicts as an aligned plain-text table (the printed one is a rich table).
+
+    Cells are formatted a column at a time (:func:`attention_jax.cli.format_column`).
+
+    >>> print(format_table([{"variant": "MHA", "err": 1.2e-07},
+    ...                     {"variant": "MQA", "err": 0.0}]))
+    variant       err
+    -------  --------
+        MHA  1.20e-07
+        MQA  0.00e+00
+    """
     cols = list(rows[0])
-    cells = [[format_value(r[c]) for c in cols] for r in rows]
+    columns = [format_column([r[c] for r in rows]) for c in cols]
+    cells = [[column[i] for column in columns] for i in range(len(rows))]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
@@ -206,9 +222,47 @@ def format_table(rows: Sequence[dict]) -> str:
 
 def default_mesh(num_heads: int, devices: Sequence[jax.Device]):
     """All devices on ``model`` when they divide the heads, else the largest divisor that does."""
-    model = max(m for m in range(1, len(devices) + 1)
-                if num_heads % m == 0 and len(devices) % m == 0)
-    return sharding.make_mesh(len(devices) // model, model, devices=devices)
+    data, model = mesh_shape(num_heads, len(devices))
+    return sharding.make_mesh(data, model, devices=devices)
+
+
+def mesh_shape(num_heads: int, num_devices: int) -> tuple[int, int]:
+    """``(data, model)`` of :func:`default_mesh`: ``model`` the largest divisor of both.
+
+    >>> mesh_shape(8, 8), mesh_shape(8, 3), mesh_shape(8, 12)
+    ((1, 8), (3, 1), (3, 4))
+    """
+    model = max(m for m in range(1, num_devices + 1)
+                if num_heads % m == 0 and num_devices % m == 0)
+    return num_devices // model, model
+
+
+def check_config(cfg: DemoConfig, num_devices: int) -> None:
+    """Raises ValueError, naming the numbers, when the devices cannot run ``cfg``.
+
+    The head-parallel run puts the batch over the mesh's ``data`` axis, so
+    ``data`` (:func:`mesh_shape`) must divide ``batch``.
+
+    >>> check_config(DemoConfig(batch=4), 8)
+    >>> check_config(DemoConfig(batch=4), 3)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: --batch 4 does not split over 3 devices: ... use --devices 1, 2, 4 or 8, ...
+    """
+    for name, value in (("batch", cfg.batch), ("seq_len", cfg.seq_len), ("embed", cfg.embed),
+                        ("num_heads", cfg.num_heads), ("repeats", cfg.repeats)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1; got {value}")
+    data, model = mesh_shape(cfg.num_heads, num_devices)
+    if cfg.batch % data:
+        fitting = [n for n in range(1, 2 * cfg.num_heads + cfg.batch + 1)
+                   if cfg.batch % mesh_shape(cfg.num_heads, n)[0] == 0][:4]
+        raise ValueError(
+            f"--batch {cfg.batch} does not split over {num_devices} devices: the head-parallel "
+            f"mesh is data={data} x model={model} (model divides N={cfg.num_heads} heads and "
+            f"the device count), and data={data} must divide the batch; use --devices "
+            f"{', '.join(map(str, fitting[:-1]))} or {fitting[-1]}, or --batch {data}, "
+            f"{2 * data}, {3 * data}, ...")
 
 
 def header(cfg: DemoConfig, devices: Sequence[jax.Device], mesh) -> str:
@@ -233,8 +287,9 @@ def write_json(path: Path, cfg: DemoConfig, devices: Sequence[jax.Device], mesh,
 def run(cfg: DemoConfig = DemoConfig(), out: str | Path | None = None) -> list[dict]:
     """Runs every variant and prints the table; with ``out``, also writes ``out/demo.json``."""
     devices = jax.devices()
+    check_config(cfg, len(devices))
     mesh = default_mesh(cfg.num_heads, devices)
-    print(header(cfg, devices, mesh), flush=True)
+    print_text(header(cfg, devices, mesh))
     rows = []
     with progress_bar(len(cfg.variants), "demo") as bar:
         for name, k in cfg.variants:
@@ -243,9 +298,9 @@ def run(cfg: DemoConfig = DemoConfig(), out: str | Path | None = None) -> list[d
             bar.update(1)
     print_table(rows, caption=NOTES)
     if rows[0]["max_err_vs_torch"] is None:
-        print("(torch is not installed: no reference check; pip install torch==2.13.0)")
+        print_text(f"(torch is not installed: no reference check; {TORCH_HINT})")
     if out is not None:
         path = Path(out) / "demo.json"
         write_json(path, cfg, devices, mesh, rows)
-        print(f"wrote {path}")
+        print_text(f"wrote {path}")
     return rows

@@ -3,17 +3,26 @@
 Parsing and error paths run in-process (they stop before JAX picks devices). Every
 subcommand also runs once, end to end, in a fresh interpreter: the device flag only
 works before JAX starts, and this test session already started it with 8 devices.
+``shard --quick`` runs in a pseudo-terminal 80 columns wide, without ``--out``: its
+tables must fit, and it must write to the ignored scratch folder only.
 """
 
+import dataclasses
+import fcntl
 import json
 import os
+import pty
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 
 import pytest
 
 from attention_jax import cli
+from attention_jax.benchmarks import attention as bench_attention
+from tests.conftest import visible_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 240  # per subprocess, generous: the machine is shared
@@ -37,7 +46,7 @@ def _exit_code(argv, capsys) -> tuple[int, str, str]:
 def test_help_names_every_subcommand(capsys):
     code, out, _ = _exit_code(["--help"], capsys)
     assert code == 0
-    for name in ("demo", "bench", "decode", "shard"):
+    for name in ("demo", "bench", "decode", "shard", "variants"):
         assert f"    {name} " in out, out
     assert "Without a subcommand, runs demo" in out
 
@@ -55,7 +64,7 @@ def test_bench_help_shows_common_and_experiment_options(capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "--devices N" in out and "(default 1)" in out  # ours
-    assert "options of experiments/bench_attention.py" in out
+    assert "options of attention_jax.benchmarks.attention" in out
     assert "--sections" in out and "--tiny" in out  # the script's own
 
 
@@ -71,7 +80,8 @@ def test_demo_is_the_default_subcommand(argv, expected):
 
 @pytest.fixture
 def fake_experiments(tmp_path, monkeypatch):
-    """An experiments/ folder whose bench script writes its argv and sys.argv as JSON."""
+    """An experiments/ folder whose bench script writes its argv and sys.argv as JSON; the
+    bench entry without a package module, so the script is what runs."""
     (tmp_path / "bench_attention.py").write_text(
         "import json, sys\n"
         "from pathlib import Path\n"
@@ -80,6 +90,8 @@ def fake_experiments(tmp_path, monkeypatch):
         "        json.dumps({'argv': argv, 'sys_argv': sys.argv}))\n"
     )
     monkeypatch.setattr(cli, "EXPERIMENTS_DIR", tmp_path)
+    monkeypatch.setitem(cli.EXPERIMENTS, "bench",
+                        dataclasses.replace(cli.EXPERIMENTS["bench"], module=None))
     monkeypatch.delitem(sys.modules, "attention_jax_experiments.bench_attention", raising=False)
     yield tmp_path
     sys.modules.pop("attention_jax_experiments.bench_attention", None)
@@ -96,13 +108,50 @@ def test_unknown_options_and_common_ones_are_forwarded(fake_experiments, capsys)
     assert sys.argv[0] != "attention-jax bench"  # put back
 
 
+def test_without_out_the_scratch_folder_is_forwarded(fake_experiments):
+    assert cli.main(["bench", "--tiny"]) == 0
+    seen = json.loads((fake_experiments / "seen.json").read_text())
+    assert seen["argv"] == ["--tiny", "--out", str(cli.default_out())]
+
+
+def test_default_out_is_ignored_scratch_not_the_results():
+    out = cli.default_out()
+    assert out == ROOT / "experiments" / "out"  # a source checkout
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(out / "x.json")], cwd=ROOT)
+    assert ignored.returncode == 0, f"{out} is not ignored by git"
+
+
+def test_default_out_outside_a_checkout(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "EXPERIMENTS_DIR", tmp_path / "site-packages" / "experiments")
+    monkeypatch.chdir(tmp_path)
+    assert cli.default_out() == tmp_path / "attention-jax-out"
+
+
+def test_benchmarks_load_from_the_package_first():
+    assert cli.load_experiment("bench") is bench_attention
+    assert cli.load_experiment("shard").__name__ == "attention_jax.benchmarks.head_parallel"
+    # decode: the package module once it exists, else experiments/decode_bench.py
+    assert cli.load_experiment("decode").__name__ in (
+        "attention_jax.benchmarks.decode", "attention_jax_experiments.decode_bench")
+
+
+def test_a_missing_package_module_falls_back_to_the_script(fake_experiments, monkeypatch):
+    monkeypatch.setitem(cli.EXPERIMENTS, "bench", dataclasses.replace(
+        cli.EXPERIMENTS["bench"], module="attention_jax.benchmarks.not_there"))
+    assert cli.main(["bench"]) == 0
+    assert (fake_experiments / "seen.json").is_file()
+
+
 def test_missing_experiments_dir_says_source_checkout(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "EXPERIMENTS_DIR", tmp_path / "nowhere")
-    for name in ("bench", "decode", "shard"):
+    for name in ("variants", "decode"):
+        if name == "decode" and cli._module_exists(cli.EXPERIMENTS[name].module):
+            continue  # the package has it: no checkout needed
         code = cli.main([name, "--quick"])
         err = capsys.readouterr().err
         assert code == 2
         assert "source checkout" in err and cli.EXPERIMENTS[name].script in err, err
+        assert f"usage: attention-jax {name}" in err, err
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -111,6 +160,7 @@ def test_missing_experiments_dir_says_source_checkout(tmp_path, monkeypatch, cap
     (["shard", "--devices", "two"], "--devices: must be an integer >= 1; got 'two'"),
     (["demo", "--dtype", "float16"], "invalid choice: 'float16'"),
     (["demo", "--quick"], "unrecognized arguments: --quick"),
+    (["demo", "--batch", "0"], "--batch: must be >= 1; got 0"),
 ])
 def test_usage_errors_exit_2_with_a_message(argv, message, capsys):
     code, out, err = _exit_code(argv, capsys)
@@ -124,16 +174,57 @@ def test_usage_errors_exit_2_with_a_message(argv, message, capsys):
 # ---------------------------------------------------------------------------
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    """``python -m attention_jax ARGS`` in ROOT, without this session's device flag."""
+def _env() -> dict[str, str]:
+    """This session's environment without its device flag, with its compilation cache."""
+    import jax
+
     env = dict(os.environ)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(FAKE_FLAG)]
     env["XLA_FLAGS"] = " ".join(flags)
     env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run([sys.executable, "-m", "attention_jax", *args], cwd=ROOT, env=env,
+    if jax.config.jax_compilation_cache_dir:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(jax.config.jax_compilation_cache_dir)
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    return env
+
+
+def _run(*args: str, code: int = 0) -> subprocess.CompletedProcess:
+    """``python -m attention_jax ARGS`` in ROOT, output piped, without the device flag."""
+    proc = subprocess.run([sys.executable, "-m", "attention_jax", *args], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def _run_in_terminal(columns: int, *args: str) -> list[str]:
+    """``python -m attention_jax ARGS`` on a pseudo-terminal ``columns`` wide: its screen lines."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    env = {**_env(), "COLUMNS": str(columns), "TERM": "xterm-256color"}
+    proc = subprocess.Popen([sys.executable, "-m", "attention_jax", *args], cwd=ROOT, env=env,
+                            stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    text = b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
+    assert proc.wait(timeout=TIMEOUT_S) == 0, text[-3000:]
+    return visible_lines(text)
+
+
+def test_devices_that_do_not_split_the_batch_are_a_usage_error():
+    proc = _run("--devices", "3", code=2)  # batch 4 over data=3
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("usage: attention-jax demo"), proc.stderr
+    assert "error: --batch 4 does not split over 3 devices" in proc.stderr, proc.stderr
+    assert proc.stdout == ""
 
 
 def test_demo_default_subcommand_bfloat16_two_devices(tmp_path):
@@ -150,9 +241,11 @@ def test_demo_default_subcommand_bfloat16_two_devices(tmp_path):
         assert row["decode_step_ms"] > 0 and row["fwd_ms"] > 0, row
         assert row["sharded_err"] < ATOL_BF16, row
         assert row["fwd_collectives"] == "all-reduce@model:1", row
-    for column in ("decode_step_ms", "kv_bytes_per_token", "sharded_err", "fwd_collectives"):
+    for column in rows[0]:  # a pipe gets one table with every column
         assert column in proc.stdout
     assert "2 x cpu" in proc.stdout and "bfloat16" in proc.stdout
+    trailing = [line for line in proc.stdout.splitlines() if line != line.rstrip()]
+    assert not trailing, trailing
 
 
 def test_bench_tiny_bfloat16(tmp_path):
@@ -196,10 +289,31 @@ def test_decode_tiny_bfloat16(tmp_path):
     assert "Decode step" in proc.stdout and "bytes/token" in proc.stdout
 
 
-def test_shard_quick_bfloat16_two_devices(tmp_path):
-    proc = _run("shard", "--quick", "--devices", "2", "--meshes", "1x2", "--variants", "GQA",
-                "--no-plot", "--dtype", "bfloat16", "--out", str(tmp_path))
-    saved = json.loads((tmp_path / "head_parallel.json").read_text())
+def test_shard_quick_in_an_80_column_terminal_writes_scratch_only():
+    """Tables fit 80 columns, no column lost; the run touches only the ignored scratch folder."""
+    def status():
+        return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--",
+                               "experiments/results", "experiments/out"], cwd=ROOT,
+                              capture_output=True, text=True, check=True).stdout
+
+    before = status()
+    lines = _run_in_terminal(80, "shard", "--quick", "--devices", "2", "--meshes", "1x2",
+                             "--variants", "GQA", "--no-plot", "--dtype", "bfloat16")
+    assert status() == before  # nothing committed or committable changed
+    text = "\n".join(lines)
+    too_wide = [line for line in lines if len(line) > 80]
+    assert not too_wide, too_wide
+    for column in ("err_fwd", "err_grad", "compile_s", "fwd_ms", "step_ms", "fwd collectives",
+                   "fwd+bwd collectives", "host puts/call", "param KiB/dev"):
+        assert column in text, column
+    tables = sum(line.split()[:3] == ["layout", "mesh", "attn"] for line in lines)
+    assert tables > 1  # stacked, each naming its rows
+    assert sum("GQA 8/2" in line for line in lines) == 2 * tables
+    assert "all-reduce@model:1" in text
+
+    path = cli.default_out() / "head_parallel.json"
+    assert f"wrote {path}" in text.replace("\n", "")
+    saved = json.loads(path.read_text())
     assert saved["num_devices"] == 2 and saved["config"]["dtype"] == "bfloat16"
     sharded, baseline = saved["rows"]
     assert (sharded["layout"], sharded["mesh"], sharded["variant"]) == ("shard_map", "1x2", "GQA")
@@ -209,4 +323,3 @@ def test_shard_quick_bfloat16_two_devices(tmp_path):
     assert sharded["fwd_collectives"] == {"all-reduce@model": 1}
     assert sharded["err_fwd"] < ATOL_BF16
     assert baseline["layout"] == "device_put loop"
-    assert "err_fwd" in proc.stdout and "all-reduce@model x1" in proc.stdout

@@ -1,4 +1,5 @@
-"""Smoke test of experiments/head_parallel.py: its ``run`` on tiny shapes, 8 fake CPU devices."""
+"""Smoke test of the head-parallel benchmark (``attention-jax shard``): tiny shapes, 8 fake
+CPU devices; and of ``experiments/head_parallel.py``, the thin script over it."""
 
 import functools
 import importlib.util
@@ -8,6 +9,8 @@ import sys
 
 import pytest
 
+from attention_jax.benchmarks import head_parallel
+
 _SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "head_parallel.py"
 
 ATOL_FWD_F32 = 1e-5  # max |y_sharded - y_one_device|, float32, tiny shapes
@@ -16,14 +19,26 @@ MESH = (2, 4)  # data x model
 VARIANTS = (("MHA", 8, 8), ("MQA", 8, 1))  # kv heads split / replicated over model
 
 
-@functools.cache
 def _load():
-    """The script as a module (registered first: its dataclass looks itself up)."""
+    return head_parallel
+
+
+@functools.cache
+def _load_script():
+    """The thin script as a module (what notebook 02 does)."""
     spec = importlib.util.spec_from_file_location("experiments_head_parallel", _SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def test_script_reexports_the_benchmark():
+    script = _load_script()
+    for name in ("Config", "build", "programs", "run_sharded", "run_baseline", "reference_for",
+                 "table_rows", "FAKE_NOTE", "expected_baseline_transfers", "baseline_forward",
+                 "main"):
+        assert getattr(script, name) is getattr(head_parallel, name), name
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +97,8 @@ def test_baseline_transfers_counted(result):
 
 def test_table_and_files(result):
     res, out = result
-    assert "device_put loop" in res["table"] and "all-reduce@model x1" in res["table"]
+    assert "device_put loop" in res["table"]
+    assert "all-reduce@model:1, all-reduce@data:1" in res["table"]  # fixed order: model first
     saved = json.loads((out / "head_parallel.json").read_text())
     assert len(saved["rows"]) == 2 * len(VARIANTS)
     if (out / "head_parallel.png").exists():  # absent only without matplotlib

@@ -1,27 +1,84 @@
-"""The README's Python snippets run as written, in order, as a reader would paste them.
+"""The README's Python snippets run as written, each on its own, as a reader would paste it.
 
-Snippet i runs after snippets 0 .. i-1 in one namespace (a later snippet may use
-``x`` or ``model`` from an earlier one).
+Every ```python block runs alone in a fresh interpreter (one test each, so xdist runs
+them in parallel), with no fake devices preset (conftest's device flag is removed) and
+the working directory a temporary folder. A block that needs more than one device says
+so in its first line (``# needs 8 devices: ...``) and asks for them itself, before JAX
+starts. A ``print(...)  # value`` line states what it prints: the block's output lines
+must be those values, in order.
 """
 
+from __future__ import annotations
+
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
+import jax
 import pytest
 
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+TIMEOUT_S = 300  # one block, generous: the machine is shared
+FAKE_FLAG = "--xla_force_host_platform_device_count"
+PRINT_WITH_VALUE = re.compile(r"^\s*print\(.*\)\s*#\s*(?P<value>.+?)\s*$")
 
 
-def _snippets():
-    text = README.read_text()
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+def snippets() -> list[tuple[str, str]]:
+    """``[(section heading, code)]`` of the README's ```python blocks, in order."""
+    out, heading = [], ""
+    for block in re.finditer(r"^(#+ [^\n]*)$|^```python\n(.*?)^```", README.read_text(),
+                             flags=re.S | re.M):
+        if block.group(1):
+            heading = block.group(1).lstrip("# ").strip()
+        else:
+            out.append((heading, block.group(2)))
+    return out
 
 
-@pytest.mark.parametrize("index", range(len(_snippets())))
-def test_readme_snippet_runs(index):
-    snippets = _snippets()[: index + 1]
-    if any("import torch" in code for code in snippets):
+def expected_output(code: str) -> list[str]:
+    """The values stated after ``print(...)  #`` lines.
+
+    >>> expected_output("x = 1\\nprint(x)  # 1\\nprint(x, 2)       # 1 2\\n")
+    ['1', '1 2']
+    """
+    return [m["value"] for line in code.splitlines() if (m := PRINT_WITH_VALUE.match(line))]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(FAKE_FLAG)]
+    env["XLA_FLAGS"] = " ".join(flags)
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    if jax.config.jax_compilation_cache_dir:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(jax.config.jax_compilation_cache_dir)
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    return env
+
+
+SNIPPETS = snippets()
+
+
+def test_readme_has_snippets_and_stated_values():
+    assert len(SNIPPETS) >= 6
+    assert any(expected_output(code) for _, code in SNIPPETS)
+
+
+@pytest.mark.parametrize("index", range(len(SNIPPETS)),
+                         ids=[f"{i}-{h.split()[0].lower() if h else 'top'}"
+                              for i, (h, _) in enumerate(SNIPPETS)])
+def test_readme_snippet_runs_alone(index, tmp_path):
+    heading, code = SNIPPETS[index]
+    if re.search(r"^\s*(import torch|from attention_jax.interop)", code, flags=re.M):
         pytest.importorskip("torch")
-    namespace: dict = {}
-    for i, code in enumerate(snippets):
-        exec(compile(code, f"README.md snippet {i}", "exec"), namespace)
+    if "use_fake_cpu_devices" in code or "make_mesh" in code:
+        first = code.splitlines()[0]
+        assert first.startswith("# needs") and "devices" in first, (heading, first)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, f"README block {index} ({heading}):\n{proc.stderr[-3000:]}"
+    printed = [line.strip() for line in proc.stdout.splitlines() if line.strip()]
+    assert printed == expected_output(code), (heading, proc.stdout)
