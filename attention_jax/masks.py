@@ -162,6 +162,10 @@ class Index:
     kv_idx: Array
 
 
+Index = jax.tree_util.register_dataclass(
+    Index, data_fields=["b", "n", "q_pos", "kv_pos", "q_idx", "kv_idx"], meta_fields=[])
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockIndex:
     """Per-tile bounds at which :meth:`Mask.classify` decides empty / full, conservatively.

@@ -220,21 +220,29 @@ def attention_logits(q: Array, k: Array, *, scale: float | None = None) -> Array
 def attention_weights(
     logits: Array,
     mask: Array | None = None,
+    sinks: Array | None = None,
 ) -> Array:
     """Softmax over keys in float32; rows with no visible key become zeros.
 
     Args:
       logits: ``[..., T, S]`` float32 scores (bias already added).
       mask: boolean, broadcastable to ``logits``; True = attend.
+      sinks: logits broadcastable to ``logits[..., :1]`` that join each row's
+        denominator and carry no value (attention sinks).
 
     Returns:
-      float32 weights of the shape of ``logits``.
+      float32 weights of the shape of ``logits`` (with sinks they sum to less than 1).
     """
     logits = logits.astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, _MASKED)
+    if sinks is not None:
+        sink = jnp.broadcast_to(sinks.astype(jnp.float32), (*logits.shape[:-1], 1))
+        weights = jax.nn.softmax(jnp.concatenate([logits, sink], axis=-1), axis=-1)[..., :-1]
+    else:
+        weights = jax.nn.softmax(logits, axis=-1)
     if mask is None:
-        return jax.nn.softmax(logits, axis=-1)
-    logits = jnp.where(mask, logits, _MASKED)
-    weights = jax.nn.softmax(logits, axis=-1)
+        return weights
     # A fully masked row has a uniform softmax over _MASKED logits; zero it (and
     # every masked entry, which is already 0 in a row that sees any key).
     return jnp.where(mask, weights, 0.0)
@@ -253,13 +261,18 @@ def attention_core(
     q: Array,
     k: Array,
     v: Array,
-    mask: Array | None = None,
+    mask: Array | masks.Mask | None = None,
     bias: Array | None = None,
     *,
     is_causal: bool = False,
     scale: float | None = None,
     logits_fn: Callable[..., Array] | None = None,
     combine_fn: Callable[..., Array] | None = None,
+    score_mod: Callable[..., Array] | None = None,
+    sinks: Array | None = None,
+    q_positions: Array | None = None,
+    kv_positions: Array | None = None,
+    head_offset=0,
 ) -> Array:
     """The einsum ("xla") implementation without dropout or returned weights.
 
@@ -271,15 +284,35 @@ def attention_core(
         :func:`combine_values` (same signatures and results) that contract in
         another way; masks, bias and the softmax stay these. Used by
         :mod:`attention_jax.kernels.decode`.
+      score_mod, sinks, q_positions, kv_positions, head_offset: as in
+        :func:`dot_product_attention` (mask objects become ``mask.dense`` here).
     """
     out, _ = _einsum_attention(q, k, v, mask, bias, is_causal=is_causal, scale=scale,
-                               logits_fn=logits_fn, combine_fn=combine_fn)
+                               logits_fn=logits_fn, combine_fn=combine_fn, score_mod=score_mod,
+                               sinks=sinks, q_positions=q_positions, kv_positions=kv_positions,
+                               head_offset=head_offset)
     return out
+
+
+def score_index(B: int, N: int, T: int, S: int, K: int, *, q_positions=None, kv_positions=None,
+                head_offset=0) -> masks.Index:
+    """The :class:`attention_jax.masks.Index` of ``[B, K, G, T, S]`` grouped scores."""
+    idx = masks.dense_index(B, N, T, S, q_positions=q_positions, kv_positions=kv_positions,
+                            head_offset=head_offset)
+    G = N // K
+
+    def g(x):  # [b, n|1, t, s] -> [b, K|1, G|1, t, s]
+        b, n, t, s_ = x.shape
+        return x.reshape(b, 1, 1, t, s_) if n == 1 else x.reshape(b, K, G, t, s_)
+
+    return masks.Index(*(g(x) for x in (idx.b, idx.n, idx.q_pos, idx.kv_pos, idx.q_idx,
+                                         idx.kv_idx)))
 
 
 def _einsum_attention(
     q, k, v, mask, bias, *, is_causal, scale, dropout_rate=0.0, dropout_rng=None,
-    logits_fn=None, combine_fn=None,
+    logits_fn=None, combine_fn=None, score_mod=None, sinks=None, q_positions=None,
+    kv_positions=None, head_offset=0,
 ) -> tuple[Array, Array]:
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -287,11 +320,24 @@ def _einsum_attention(
     logits = (logits_fn or attention_logits)(q, k, scale=scale)  # [B, K, G, T, S]
     if bias is not None:
         logits = logits + group_heads(bias.astype(jnp.float32), shape, K)
-    full_mask = None if mask is None else group_heads(mask.astype(bool), shape, K)
+    positioned = q_positions is not None or kv_positions is not None
+    idx = None
+    if score_mod is not None or isinstance(mask, masks.Mask) or (is_causal and positioned):
+        idx = score_index(B, N, T, S, K, q_positions=q_positions, kv_positions=kv_positions,
+                          head_offset=head_offset)
+    if score_mod is not None:
+        logits = jnp.broadcast_to(
+            score_mod(logits, idx.b, idx.n, idx.q_pos, idx.kv_pos), logits.shape
+        ).astype(jnp.float32)
+    if isinstance(mask, masks.Mask):
+        full_mask = mask.evaluate(idx)  # [B|1, K|1, G|1, T|1, S|1]
+    else:
+        full_mask = None if mask is None else group_heads(mask.astype(bool), shape, K)
     if is_causal:
-        causal = causal_block(T, S)  # [T, S]
+        causal = masks.Causal().evaluate(idx) if positioned else causal_block(T, S)
         full_mask = causal if full_mask is None else full_mask & causal
-    weights = attention_weights(logits, full_mask)  # [B, K, G, T, S] f32
+    sinks_g = None if sinks is None else sinks.reshape(1, K, N // K, 1, 1)
+    weights = attention_weights(logits, full_mask, sinks_g)  # [B, K, G, T, S] f32
     if dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
@@ -299,33 +345,64 @@ def _einsum_attention(
     return out, weights
 
 
+_STRUCTURED_BACKENDS = ("xla", "blockwise", "cudnn", "auto")
+
+
+def _check_extras(q, k, mask, sinks, scale, N: int) -> None:
+    if isinstance(mask, masks.Mask):
+        mask.check(q.shape[0], N, q.shape[1], k.shape[1])
+    elif mask is not None and not hasattr(mask, "dtype"):
+        raise TypeError(
+            f"mask must be a boolean array or an attention_jax.masks object; got {type(mask)}")
+    if sinks is not None and tuple(jnp.shape(sinks)) != (N,):
+        raise ValueError(f"sinks must be [num_heads] = [{N}]; got shape {tuple(jnp.shape(sinks))}")
+    if scale is not None and jnp.ndim(scale) != 0:
+        raise ValueError(f"scale must be a scalar; got shape {jnp.shape(scale)}")
+
+
+def _promote(x: Array) -> Array:
+    """Integer and boolean operands become float32 (the softmax weights are not integers)."""
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return x
+    return x.astype(jnp.float32)
+
 
 def dot_product_attention(
     q: Array,
     k: Array,
     v: Array,
-    mask: Array | None = None,
+    mask: Array | masks.Mask | None = None,
     bias: Array | None = None,
     *,
     is_causal: bool = False,
-    scale: float | None = None,
+    scale: float | Array | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
     return_weights: bool = False,
     implementation: str | None = None,
     remat: bool = False,
+    score_mod: Callable[..., Array] | None = None,
+    sinks: Array | None = None,
+    q_positions: Array | None = None,
+    kv_positions: Array | None = None,
+    head_offset: int | Array = 0,
 ) -> Array | tuple[Array, Array]:
     """Scaled dot-product attention for MHA, MQA and GQA.
 
     Args:
       q: ``[B, T, N, H]`` queries.
       k: ``[B, S, K, H]`` keys; N must be a multiple of K.
-      v: ``[B, S, K, V]`` values (V may differ from H).
-      mask: boolean, broadcastable to ``[B, N, T, S]``; True = attend.
+      v: ``[B, S, K, V]`` values (V may differ from H). Integer or boolean q, k, v
+        are promoted to float32 (and so is the output).
+      mask: boolean, broadcastable to ``[B, N, T, S]``, True = attend; or a mask
+        object of :mod:`attention_jax.masks` (``Causal() & SlidingWindow(512)``,
+        ``Segments(ids)``, ...), which the blockwise kernel evaluates per tile,
+        skipping the tiles it hides.
       bias: float, broadcastable to ``[B, N, T, S]``; added to the scaled logits.
-      is_causal: also apply the top-left aligned causal mask (query t sees keys
-        s <= t), as ``torch`` and ``jax.nn`` do.
-      scale: logit scale; default ``1/sqrt(H)``.
+      is_causal: also apply ``Causal()`` at the positions (top-left aligned by
+        default: query t sees keys s <= t), as ``torch`` and ``jax.nn`` do.
+      scale: logit scale; default ``1/sqrt(H)``. A Python number or a traced
+        scalar; any value (zero and negative included).
       dropout_rate: dropout on the attention weights (needs ``dropout_rng``).
       dropout_rng: PRNG key for dropout.
       return_weights: also return the weights actually applied to the values
@@ -337,6 +414,20 @@ def dot_product_attention(
       remat: wrap the attention in ``jax.checkpoint``: the backward pass
         recomputes it instead of keeping its intermediates (for the einsum path,
         the ``[B, N, T, S]`` weights).
+      score_mod: ``fn(score, b, n, t, s) -> score`` applied to the scaled (and
+        biased) float32 logits before masking and softmax; ``b`` batch row, ``n``
+        global head, ``t`` / ``s`` absolute positions (broadcasting int32 arrays).
+        Differentiable, also with respect to the arrays it closes over
+        (:mod:`attention_jax.scores`: ``softcap``, ``alibi``).
+      sinks: ``[N]`` float logits, one per query head, that join every row's
+        softmax denominator and carry no value (attention sinks); differentiable.
+      q_positions: ``[T]`` or ``[B, T]`` absolute positions of the queries
+        (default ``arange(T)``), what mask objects, ``is_causal`` and score_mod see:
+        a decode step passes its cache positions, a context-parallel shard its own.
+      kv_positions: ``[S]`` or ``[B, S]`` absolute positions of the keys.
+      head_offset: added to the local head index before masks and score_mod see
+        it (an int or a traced scalar): a head-parallel shard holding heads
+        ``[h0, h0 + N)`` passes ``h0``.
 
     Returns:
       ``[B, T, N, V]`` in q's dtype, and the weights when ``return_weights``.
@@ -348,30 +439,69 @@ def dot_product_attention(
     >>> q = jnp.ones((2, 5, 8, 16)); kv = jnp.ones((2, 7, 2, 16))   # GQA: N=8, K=2
     >>> dot_product_attention(q, kv, kv).shape
     (2, 5, 8, 16)
+    >>> from attention_jax import masks
+    >>> dot_product_attention(q, kv, kv, mask=masks.Causal() & masks.SlidingWindow(3)).shape
+    (2, 5, 8, 16)
     """
+    q, k, v = _promote(q), _promote(k), _promote(v)
     B, T, S, N, K, H, V = check_qkv(q, k, v)
-    _check_broadcast("mask", mask, (B, N, T, S))
+    structured = isinstance(mask, masks.Mask)
+    if not structured:
+        _check_broadcast("mask", mask, (B, N, T, S))
     _check_broadcast("bias", bias, (B, N, T, S))
-    if mask is not None and mask.dtype != jnp.bool_:
+    if mask is not None and not structured and mask.dtype != jnp.bool_:
         raise ValueError(f"mask must be boolean (True = attend); got dtype {mask.dtype}")
+    _check_extras(q, k, mask, sinks, scale, N)
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1); got {dropout_rate}")
     if dropout_rate > 0.0 and dropout_rng is None:
         raise ValueError(f"dropout_rate={dropout_rate} needs a dropout_rng")
     impl = check_implementation(implementation)
+    extras = {name: val for name, val, default in (
+        ("score_mod", score_mod, None), ("sinks", sinks, None),
+        ("q_positions", q_positions, None), ("kv_positions", kv_positions, None),
+        ("head_offset", head_offset, 0)) if val is not default}
+    if isinstance(head_offset, int) and head_offset == 0:
+        extras.pop("head_offset", None)
     if return_weights or dropout_rate > 0.0 or impl == "xla":
         def fn(q, k, v, mask, bias, dropout_rng):
             return _einsum_attention(
                 q, k, v, mask, bias, is_causal=is_causal, scale=scale,
-                dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                dropout_rate=dropout_rate, dropout_rng=dropout_rng, **extras,
             )
 
         out, weights = (jax.checkpoint(fn) if remat else fn)(q, k, v, mask, bias, dropout_rng)
         if return_weights:
             return out, weights.reshape(B, N, T, S)
         return out
-    fn = functools.partial(get_implementation(impl), is_causal=is_causal, scale=scale)
+    if impl not in _STRUCTURED_BACKENDS and (structured or extras):
+        mask, is_causal_, extras = _densify(impl, q, k, mask, is_causal, extras)
+    else:
+        is_causal_ = is_causal
+    fn = functools.partial(get_implementation(impl), is_causal=is_causal_, scale=scale, **extras)
     return (jax.checkpoint(fn) if remat else fn)(q, k, v, mask, bias)
+
+
+def _densify(impl, q, k, mask, is_causal, extras):
+    """For backends that take only dense masks: the mask object (and ``is_causal``)
+    evaluated at the positions; score_mod and sinks are refused."""
+    unsupported = sorted(set(extras) & {"score_mod", "sinks"})
+    if unsupported:
+        raise ValueError(
+            f"implementation {impl!r} does not take {', '.join(unsupported)}; "
+            f"use one of {_STRUCTURED_BACKENDS}")
+    B, T, N = q.shape[:3]
+    S = k.shape[1]
+    where = dict(q_positions=extras.get("q_positions"), kv_positions=extras.get("kv_positions"),
+                 head_offset=extras.get("head_offset", 0))
+    structure = mask if isinstance(mask, masks.Mask) else None
+    dense = None if structure is not None else mask
+    if is_causal:
+        structure = masks.Causal() if structure is None else structure & masks.Causal()
+    if structure is not None:
+        m = structure.dense(B, N, T, S, **where)
+        dense = m if dense is None else dense & m
+    return dense, False, {}
 
 
 # ---------------------------------------------------------------------------

@@ -4,26 +4,29 @@ The forward pass walks key/value blocks with an online softmax and keeps only th
 output and the per-row log-sum-exp; the backward pass recomputes the scores block
 by block (FlashAttention-2, Dao 2023). Neither pass materialises ``[B, N, T, S]``:
 temporary memory is ``O(B * N * (T + block_q * block_kv))`` instead of ``O(B * N * T * S)``.
+The layout is described in :mod:`attention_jax.kernels.tiles`.
 
-Internal layout (chosen so that the matmuls of a block are plain batched matmuls
-over ``[B, K]``, with the G query heads of a key/value head folded into the row
-dimension, so MQA gets tall, efficient matmuls and K/V are never repeated; the
-backward pass works on the transposed, keys-by-queries tile)::
+Structure (``is_causal``, mask objects of :mod:`attention_jax.masks`) is evaluated per
+tile from index arrays, never from a ``[T, S]`` array, and a **block map**
+(:func:`attention_jax.masks.block_map`: empty / partial / full per query block x key
+block; numpy at trace time when the structure is static, jax.numpy from the data
+for segments and lengths) is compacted into, per query block, the list of its full
+and of its partial key blocks (and per key block the same over query blocks, for
+the backward pass), as splash attention's ``MaskInfo`` and FlexAttention's
+``BlockMask`` do. The loops run over those lists: work follows the number of
+non-empty tiles, and full tiles skip the elementwise mask. The block map is the
+union over batch rows and heads (one loop serves the whole ``[B, K]`` batch of
+matmuls). Dense boolean masks and biases keep their broadcast shape
+(``[B|1, K|1, T|1, G|1, S|1]``) and are sliced per tile.
 
-  q  [B, T, N, H] -> [nq, B, K, M, H]     M = block_q * G (row m is query m // G, head m % G)
-  k  [B, S, K, H] -> [nk, B, K, bk, H]    bk = block_kv
-  v  [B, S, K, V] -> [nk, B, K, bk, V]
+``score_mod`` (``fn(score, b, n, t, s)``) is closure-converted, so the arrays it
+closes over get gradients; ``sinks`` join each row's denominator after the loops
+(the log-sum-exp merge of :func:`merge_partials` with a value-less partial).
 
-Masks and biases keep their broadcast shape (``[B|1, K|1, T|1, G|1, S|1]`` after
-grouping) and are sliced per block, so a key-padding mask ``[B, 1, 1, S]`` costs
-``B * S`` booleans, never ``B * N * T * S``.
-
-Causal masking (top-left aligned, as :func:`attention_jax.ops.causal_block`) skips
-every block above the diagonal: the key loop of query block ``i`` stops at the
-last key block that its last real query can see, and the query loop of key block
-``j`` starts at the first query block that sees it (loop bounds, not masks), so a
-causal call does about half the work. Only blocks that straddle the diagonal pay
-for the elementwise causal mask.
+The pieces are public for context parallelism (ring attention): :func:`block_forward`
+(``(out, lse)`` of a query block against a key block at given positions),
+:func:`block_backward` (the gradients of that pair from the final ``out``, ``lse``
+and ``dout``) and :func:`merge_partials`.
 """
 
 from __future__ import annotations
@@ -31,17 +34,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from attention_jax import ops
+from attention_jax import masks, ops
+from attention_jax.kernels import tiles
+from attention_jax.kernels.tiles import Config
 
 Array = jax.Array
 
 # ``(block_q, block_kv)`` per platform; see :func:`default_block_sizes` (measured in
-# experiments/results/auto_rule_cpu.md). Other platforms use the "gpu" entry.
+# experiments/results/auto_rule_cpu.md).
 _BLOCKS: dict[str, tuple[int, int]] = {
     "cpu": (256, 512),
     # Not measured on a GPU (no device was lent to the session that wrote this):
@@ -49,35 +56,6 @@ _BLOCKS: dict[str, tuple[int, int]] = {
     # while loops on GPU are sensitive to. "auto" prefers cuDNN there anyway.
     "gpu": (512, 512),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class _Config:
-    """Static (hashable) description of one call; shapes are the unpadded ones."""
-
-    T: int
-    S: int
-    K: int
-    G: int
-    block_q: int
-    block_kv: int
-    is_causal: bool
-    scale: float
-    # q is multiplied by the scale once, before the loops (saves a pass over every
-    # score tile); only where that is exact enough: float32+ or a power-of-two scale.
-    prescale: bool = True
-
-    @property
-    def nq(self) -> int:
-        return -(-self.T // self.block_q)
-
-    @property
-    def nk(self) -> int:
-        return -(-self.S // self.block_kv)
-
-    @property
-    def kv_padded(self) -> bool:
-        return self.nk * self.block_kv != self.S
 
 
 def default_block_sizes(T: int, S: int, platform: str | None = None) -> tuple[int, int]:
@@ -108,183 +86,170 @@ def _balanced(length: int, block: int) -> int:
 
 
 # ---------------------------------------------------------------------------
-# Layout
+# What one call carries into the loops
 # ---------------------------------------------------------------------------
 
 
-def _pad_axis(x: Array, axis: int, size: int, value=0) -> Array:
-    extra = size - x.shape[axis]
-    if extra == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(x, widths, constant_values=value)
+@dataclasses.dataclass(frozen=True)
+class _Ctx:
+    """Everything a tile needs besides q and k (arrays traced, the rest static)."""
+
+    cfg: Config
+    B: int
+    mask_g: Array | None  # dense mask, grouped (tiles.group_tile)
+    bias_g: Array | None
+    structure: masks.Mask | None  # mask objects (is_causal included)
+    q_pos: Array | None  # [B|1, Tp] absolute positions (None: arange)
+    kv_pos: Array | None
+    head_offset: Array | int
+    scale: Array  # f32 scalar
+    sm_fn: Callable | None  # closure-converted score_mod(score, b, n, t, s, *consts)
+    sm_consts: tuple
+
+    @property
+    def plain(self) -> bool:
+        """No mask of any kind: every tile is full, the loops run over all blocks."""
+        return self.mask_g is None and self.structure is None and not self.cfg.kv_padded
 
 
-def _block_q(q: Array, cfg: _Config) -> Array:
-    """``[B, T, K*G, X] -> [nq, B, K, block_q * G, X]`` (zero-padded rows)."""
-    B, T, N, X = q.shape
-    bq, nq = cfg.block_q, cfg.nq
-    q = _pad_axis(q, 1, nq * bq).reshape(B, nq, bq, cfg.K, cfg.G, X)
-    return q.transpose(1, 0, 3, 2, 4, 5).reshape(nq, B, cfg.K, bq * cfg.G, X)
+def _tile_index(ctx: _Ctx, i, j) -> masks.Index:
+    return tiles.tile_index(i, j, ctx.cfg, ctx.B, ctx.q_pos, ctx.kv_pos, ctx.head_offset)
 
 
-def _unblock_q(x: Array, cfg: _Config) -> Array:
-    """Inverse of :func:`_block_q`: ``[nq, B, K, block_q * G, X] -> [B, T, K*G, X]``."""
-    nq, B, K, M, X = x.shape
-    x = x.reshape(nq, B, K, cfg.block_q, cfg.G, X).transpose(1, 0, 3, 2, 4, 5)
-    return x.reshape(B, nq * cfg.block_q, K * cfg.G, X)[:, : cfg.T]
-
-
-def _block_kv(x: Array, cfg: _Config) -> Array:
-    """``[B, S, K, X] -> [nk, B, K, block_kv, X]`` (zero-padded keys)."""
-    B, S, K, X = x.shape
-    bk, nk = cfg.block_kv, cfg.nk
-    x = _pad_axis(x, 1, nk * bk).reshape(B, nk, bk, K, X)
-    return x.transpose(1, 0, 3, 2, 4)
-
-
-def _unblock_kv(x: Array, cfg: _Config) -> Array:
-    """``[nk, B, K, block_kv, X] -> [B, S, K, X]``."""
-    nk, B, K, bk, X = x.shape
-    return x.transpose(1, 0, 3, 2, 4).reshape(B, nk * bk, K, X)[:, : cfg.S]
-
-
-def _group_tile(x: Array, cfg: _Config, pad_value) -> Array:
-    """A mask or bias broadcastable to ``[B, N, T, S]`` -> ``[B|1, K|1, Tp|1, G|1, Sp|1]``.
-
-    Broadcast (size-1) dimensions stay size 1; full ones are padded to the
-    block multiples with ``pad_value``.
-    """
-    x = x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))
-    b, n, t, s = x.shape
-    if n == 1:
-        x = x.reshape(b, 1, 1, t, s)
-    else:
-        x = x.reshape(b, cfg.K, cfg.G, t, s)
-    x = x.transpose(0, 1, 3, 2, 4)  # [b, k, t, g, s]
-    if t > 1:
-        x = _pad_axis(x, 2, cfg.nq * cfg.block_q, pad_value)
-    if s > 1:
-        x = _pad_axis(x, 4, cfg.nk * cfg.block_kv, pad_value)
-    return x
-
-
-def _ungroup_tile(dx: Array, shape: tuple[int, ...], cfg: _Config) -> Array:
-    """Inverse of :func:`_group_tile` for the bias cotangent."""
-    full = (1,) * (4 - len(shape)) + tuple(shape)
-    _, _, t, s = full
-    dx = dx[:, :, :t, :, :s].transpose(0, 1, 3, 2, 4)  # [b, k, g, t, s]
-    return dx.reshape(shape)
-
-
-def _tile(x: Array | None, i, j, cfg: _Config) -> Array | None:
-    """The ``[.., block_q|1, G|1, block_kv|1]`` tile of a grouped mask/bias."""
-    if x is None:
-        return None
-    if x.shape[2] > 1:
-        x = lax.dynamic_slice_in_dim(x, i * cfg.block_q, cfg.block_q, axis=2)
-    if x.shape[4] > 1:
-        x = lax.dynamic_slice_in_dim(x, j * cfg.block_kv, cfg.block_kv, axis=4)
-    return x
-
-
-# ---------------------------------------------------------------------------
-# One block of scores
-# ---------------------------------------------------------------------------
-
-
-def _scores(qi, kj, i, j, mask_t, bias_t, cfg: _Config, *, causal: bool, transpose=False):
-    """Scaled scores of query block ``i`` against key block ``j``.
+def _scores(qi, kj, i, j, ctx: _Ctx, *, partial: bool, transpose: bool = False):
+    """Scores of query block ``i`` against key block ``j`` (bias and score_mod applied).
 
     Args:
       qi: ``[B, K, M, H]`` (already scaled when ``cfg.prescale``); kj: ``[B, K, bk, H]``.
-      mask_t, bias_t: grouped tiles (see :func:`_tile`) or None.
-      causal: apply the causal mask in this block (it straddles the diagonal).
-      transpose: return keys-by-queries ``[B, K, bk, M]`` (the backward pass's
-        layout, in which three of its four matmuls are plain ``A @ B`` or ``A @ B.T``).
+      partial: evaluate the mask in this tile (the block map says partial).
+      transpose: keys-by-queries ``[B, K, bk, M]`` (the backward pass's layout, in
+        which three of its four matmuls are plain ``A @ B`` or ``A @ B.T``).
 
     Returns:
-      ``(s, visible)``: float32 scores ``[B, K, M, bk]`` (bias added) and a
-      boolean broadcastable to them, or None (all visible); both transposed
-      with ``transpose``.
+      ``(s, visible, sm_vjp)``: float32 scores, a boolean broadcastable to them or
+      None (all visible), and (backward only, with a score_mod) the vjp of the
+      score_mod at this tile (``ds -> (ds_raw, *d_consts)``) or None.
     """
+    cfg = ctx.cfg
     B, K, M, _ = qi.shape
     bq, bk, G = cfg.block_q, cfg.block_kv, cfg.G
     if transpose:
         s = jnp.einsum("BKSH,BKMH->BKSM", kj, qi, preferred_element_type=jnp.float32)
-        tile, out_shape = (bk, bq, G), (B, K, bk, M)
+        tile_shape, out_shape = (bk, bq, G), (B, K, bk, M)
 
         def lay(x):  # [.., bq, G, bk] -> [.., bk, bq, G]
             return jnp.moveaxis(x, -1, -3)
+
+        def unlay(x):
+            return jnp.moveaxis(x, -3, -1)
     else:
         s = jnp.einsum("BKMH,BKSH->BKMS", qi, kj, preferred_element_type=jnp.float32)
-        tile, out_shape = (bq, G, bk), (B, K, M, bk)
+        tile_shape, out_shape = (bq, G, bk), (B, K, M, bk)
 
         def lay(x):
             return x
+
+        unlay = lay
     if not cfg.prescale:
-        s = s * jnp.float32(cfg.scale)
-    if bias_t is None and mask_t is None and not causal and not cfg.kv_padded:
-        return s, None
-    s5 = s.reshape(B, K, *tile)
-    if bias_t is not None:
-        s5 = s5 + lay(bias_t).astype(jnp.float32)
-    visible = None if mask_t is None else lay(mask_t)
-    k_pos = lay(j * bk + lax.broadcasted_iota(jnp.int32, (1, 1, bk), 2))
-    if causal:
-        q_pos = lay(i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1, 1), 0))
-        c = k_pos <= q_pos
-        visible = c if visible is None else visible & c
-    if cfg.kv_padded:
-        c = k_pos < cfg.S
-        visible = c if visible is None else visible & c
-    if visible is not None:
-        visible = jnp.broadcast_to(visible, (*visible.shape[:-3], *tile))
-        visible = visible.reshape((*visible.shape[:-3], *out_shape[2:]))
-    return s5.reshape(out_shape), visible
+        s = s * ctx.scale
+    if ctx.bias_g is None and ctx.sm_fn is None and not partial:
+        return s, None, None
+    s5 = s.reshape(B, K, *tile_shape)
+    if ctx.bias_g is not None:
+        s5 = s5 + lay(tiles.tile(ctx.bias_g, i, j, cfg)).astype(jnp.float32)
+    idx = _tile_index(ctx, i, j) if (ctx.sm_fn is not None or partial) else None
+    sm_vjp = None
+    if ctx.sm_fn is not None:
+        s5, sm_vjp = _apply_score_mod(ctx, unlay(s5), idx, with_vjp=transpose)
+        s5 = lay(s5)
+    visible = None
+    if partial:
+        if ctx.structure is not None:
+            visible = lay(ctx.structure.evaluate(idx))
+        if ctx.mask_g is not None:
+            m = lay(tiles.tile(ctx.mask_g, i, j, cfg))
+            visible = m if visible is None else visible & m
+        if cfg.kv_padded:
+            c = lay(idx.kv_idx < cfg.S)
+            visible = c if visible is None else visible & c
+        if visible is not None:
+            visible = jnp.broadcast_to(visible, (*visible.shape[:-3], *tile_shape))
+            visible = visible.reshape((*visible.shape[:-3], *out_shape[2:]))
+    if sm_vjp is not None:
+        vjp = sm_vjp
+
+        def sm_vjp(ds):  # ds in out_shape -> (ds_raw in out_shape, *d_consts)
+            ds_raw, *dc = vjp(unlay(ds.reshape(B, K, *tile_shape)))
+            return lay(ds_raw).reshape(out_shape), dc
+    return s5.reshape(out_shape), visible, sm_vjp
 
 
-def _kv_range(i, cfg: _Config):
-    """Key blocks ``[0, full)`` are fully visible to query block ``i``; ``[full, hi)``
-    straddle the causal diagonal; blocks from ``hi`` on are skipped."""
-    if not cfg.is_causal:
-        return cfg.nk, cfg.nk
-    first_row = i * cfg.block_q
-    last_row = jnp.minimum((i + 1) * cfg.block_q, cfg.T) - 1
-    hi = jnp.minimum(last_row // cfg.block_kv + 1, cfg.nk)
-    # Key block j is fully visible when its last key <= the block's first query.
-    full = jnp.minimum((first_row + 1) // cfg.block_kv, hi)
-    return full, hi
+def _float_consts(consts) -> list[bool]:
+    return [jnp.issubdtype(jnp.result_type(c), jnp.inexact) for c in consts]
 
 
-def _q_range(j, cfg: _Config):
-    """Query blocks ``[lo, nq)`` see key block ``j``; those at or past ``full`` see all of it."""
-    if not cfg.is_causal:
-        return 0, 0
-    lo = jnp.minimum((j * cfg.block_kv) // cfg.block_q, cfg.nq)
-    # Query block i sees every key of block j when its first row >= the last key.
-    last_key = (j + 1) * cfg.block_kv - 1
-    full = jnp.clip(-(-last_key // cfg.block_q), lo, cfg.nq)
-    return lo, full
+def _apply_score_mod(ctx: _Ctx, s5, idx: masks.Index, *, with_vjp: bool):
+    """``score_mod`` on a ``[B, K, bq, G, bk]`` tile; with ``with_vjp`` also its vjp
+    with respect to the scores and the floating closed-over arrays."""
+    consts = ctx.sm_consts
+    is_float = _float_consts(consts)
+
+    def fn(s, *fc):
+        it = iter(fc)
+        full = [next(it) if f else c for c, f in zip(consts, is_float, strict=True)]
+        return ctx.sm_fn(s, idx.b, idx.n, idx.q_pos, idx.kv_pos, *full)
+
+    fc = [c for c, f in zip(consts, is_float, strict=True) if f]
+    if not with_vjp:
+        return fn(s5, *fc), None
+    out, vjp = jax.vjp(fn, s5, *fc)
+    return out, vjp
 
 
-def _varying_axes(x: Array) -> frozenset:
-    """Manual mesh axes ``x`` varies over inside ``jax.shard_map`` (empty outside)."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)  # jax 0.10
-    if mat is not None:
-        return frozenset(mat.varying)
-    return frozenset(getattr(aval, "vma", ()))  # earlier jax
+# ---------------------------------------------------------------------------
+# Tile lists
+# ---------------------------------------------------------------------------
 
 
-def _varying_like(x: Array, *refs: Array | None) -> Array:
-    """Marks a fresh loop carry (zeros, -inf) as varying over the manual mesh axes
-    that ``refs`` vary over, so the loops type-check inside ``jax.shard_map``
-    (with ``check_vma``); a no-op outside shard_map."""
-    axes = frozenset().union(*(_varying_axes(r) for r in refs if r is not None))
-    missing = tuple(sorted(axes - _varying_axes(x)))
-    return lax.pcast(x, missing, to="varying") if missing else x
+def _tile_classes(ctx: _Ctx, N: int, q_positions, kv_positions) -> Array | np.ndarray | None:
+    """``[nq, nk]`` int8 classes (union over batch and heads), or None when plain."""
+    cfg = ctx.cfg
+    if ctx.plain:
+        return None
+    cls = masks.block_map(ctx.structure, ctx.B, N, cfg.T, cfg.S, cfg.block_q, cfg.block_kv,
+                          q_positions=q_positions, kv_positions=kv_positions,
+                          head_offset=ctx.head_offset)
+    xp = np if isinstance(cls, np.ndarray) else jnp
+    any_ = (cls > masks.EMPTY).any(axis=(0, 1))
+    full = (cls == masks.FULL).all(axis=(0, 1))
+    if ctx.mask_g is not None:  # a dense mask: every non-empty tile evaluates it
+        full = xp.zeros_like(full)
+    return xp.where(full, masks.FULL, xp.where(any_, masks.PARTIAL, masks.EMPTY)).astype(np.int8)
+
+
+def _compact(cls):
+    """Per row of ``cls [R, C]``: the columns of its full tiles, then of its partial ones.
+
+    Returns ``(full_idx [R, C], n_full [R], part_idx [R, C], n_part [R])`` int32
+    (entries past the counts are unused).
+    """
+    xp = np if isinstance(cls, np.ndarray) else jnp
+    C = cls.shape[1]
+    cols = xp.arange(C, dtype=np.int32)[None, :]
+    out = []
+    for kind in (masks.FULL, masks.PARTIAL):
+        hit = cls == kind
+        order = xp.argsort(xp.where(hit, cols, C + cols), axis=1).astype(np.int32)
+        out += [order, hit.sum(axis=1).astype(np.int32)]
+    return tuple(out)
+
+
+def tile_counts(cls) -> dict[str, int]:
+    """How many tiles of a ``[nq, nk]`` class map run (full + partial) and are skipped."""
+    cls = np.asarray(cls)
+    full, part = int((cls == masks.FULL).sum()), int((cls == masks.PARTIAL).sum())
+    return {"full": full, "partial": part, "computed": full + part,
+            "skipped": cls.size - full - part}
 
 
 # ---------------------------------------------------------------------------
@@ -292,22 +257,22 @@ def _varying_like(x: Array, *refs: Array | None) -> Array:
 # ---------------------------------------------------------------------------
 
 
-def _forward(qb, kb, vb, mask_g, bias_g, cfg: _Config):
+def _forward(qb, kb, vb, ctx: _Ctx, lists, sinks_km=None):
     """Online softmax. Returns ``(out [nq, B, K, M, V] f32, lse [nq, B, K, M] f32)``.
 
-    ``lse`` is +inf for rows that see no key, so that the backward pass's
-    ``exp(s - lse)`` is exactly 0 there (no NaN), and their output is 0.
+    ``lists``: :func:`_compact` of the tile classes, or None (all tiles full).
+    ``lse`` is +inf for rows that see nothing (no key, no sink), so that the
+    backward pass's ``exp(s - lse)`` is exactly 0 there, and their output is 0.
     """
+    cfg = ctx.cfg
     _, B, K, M, _ = qb.shape
     V = vb.shape[-1]
 
-    def q_block(i, qi):
-        def kv_step(j, carry, causal):
+    def q_block(i, qi, lst):
+        def kv_step(jj, carry, idx_list, partial):
             m, l, acc = carry
-            s, visible = _scores(
-                qi, kb[j], i, j, _tile(mask_g, i, j, cfg), _tile(bias_g, i, j, cfg), cfg,
-                causal=causal,
-            )
+            j = jj if idx_list is None else idx_list[jj]
+            s, visible, _ = _scores(qi, kb[j], i, j, ctx, partial=partial)
             if visible is not None:
                 s = jnp.where(visible, s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=-1))
@@ -320,26 +285,37 @@ def _forward(qb, kb, vb, mask_g, bias_g, cfg: _Config):
             )
             return m_new, l, acc * corr[..., None] + pv
 
-        carry = tuple(_varying_like(c, qi, kb, vb, mask_g, bias_g) for c in (
+        refs = (qi, kb, vb, ctx.mask_g, ctx.bias_g, ctx.sm_consts)
+        carry = tuple(tiles.varying_like(c, *refs) for c in (
             jnp.full((B, K, M), -jnp.inf, jnp.float32),
             jnp.zeros((B, K, M), jnp.float32),
             jnp.zeros((B, K, M, V), jnp.float32),
         ))
-        full, hi = _kv_range(i, cfg)
-        carry = lax.fori_loop(0, full, functools.partial(kv_step, causal=False), carry)
-        if cfg.is_causal:
-            carry = lax.fori_loop(full, hi, functools.partial(kv_step, causal=True), carry)
+        if lst is None:
+            carry = lax.fori_loop(0, cfg.nk, functools.partial(
+                kv_step, idx_list=None, partial=False), carry)
+        else:
+            full_idx, n_full, part_idx, n_part = lst
+            carry = lax.fori_loop(0, n_full, functools.partial(
+                kv_step, idx_list=full_idx, partial=False), carry)
+            carry = lax.fori_loop(0, n_part, functools.partial(
+                kv_step, idx_list=part_idx, partial=True), carry)
         m, l, acc = carry
+        if sinks_km is not None:  # one more logit per row, with no value
+            m_f = jnp.maximum(m, sinks_km)
+            corr = jnp.exp(m - m_f)
+            l = l * corr + jnp.exp(sinks_km - m_f)
+            acc, m = acc * corr[..., None], m_f
         seen = l > 0.0
         out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
         return out, lse
 
     def step(_, xs):
-        i, qi = xs
-        return None, q_block(i, qi)
+        i, qi, lst = xs
+        return None, q_block(i, qi, lst)
 
-    _, (out, lse) = lax.scan(step, None, (jnp.arange(cfg.nq), qb))
+    _, (out, lse) = lax.scan(step, None, (jnp.arange(cfg.nq), qb, lists))
     return out, lse
 
 
@@ -354,33 +330,41 @@ def _reduce_to(x: Array, shape: tuple[int, ...]) -> Array:
     return x.sum(axis=axes, keepdims=True) if axes else x
 
 
-def _backward(qb, kb, vb, mask_g, bias_g, out, lse, dob, cfg: _Config):
-    """Returns ``(dq [nq,B,K,M,H] f32, dk [nk,B,K,bk,H] f32, dv [nk,B,K,bk,V] f32, dbias|None)``."""
+def _backward(qb, kb, vb, out, lse, dob, ctx: _Ctx, lists_t):
+    """Gradients from the final ``out``/``lse``.
+
+    Returns ``(dq [nq,B,K,M,H] f32, dk [nk,B,K,bk,H] f32, dv [nk,B,K,bk,V] f32,
+    dbias | None, d_consts (floating score_mod consts))``.
+    """
+    cfg = ctx.cfg
     B, K, M = qb.shape[1:4]
     bq, bk, G = cfg.block_q, cfg.block_kv, cfg.G
     delta = jnp.sum(dob.astype(jnp.float32) * out, axis=-1)  # [nq, B, K, M]
-    scale = jnp.float32(cfg.scale)
+    scale = ctx.scale
     k_scale = jnp.float32(1.0) if cfg.prescale else scale  # qb is scaled already
+    bias_g = ctx.bias_g
+    fconsts = [c for c, f in zip(ctx.sm_consts, _float_consts(ctx.sm_consts), strict=True) if f]
 
     def kv_block(carry, xs):
-        j, kj, vj = xs
+        j, kj, vj, lst = xs
 
-        def q_step(i, inner, causal):
-            dk, dv, dq, dbias = inner
+        def q_step(ii, inner, idx_list, partial):
+            dk, dv, dq, dbias, dcon = inner
+            i = ii if idx_list is None else idx_list[ii]
             qi, doi = qb[i], dob[i]
             # Keys by queries, [B, K, bk, M]: four of the five matmuls are then
             # plain A @ B or A @ B.T, which XLA:CPU hands to its fast dot kernels.
-            s, visible = _scores(
-                qi, kj, i, j, _tile(mask_g, i, j, cfg), _tile(bias_g, i, j, cfg), cfg,
-                causal=causal, transpose=True,
-            )
+            s, visible, sm_vjp = _scores(qi, kj, i, j, ctx, partial=partial, transpose=True)
             p = jnp.exp(s - lse[i][:, :, None, :])
             if visible is not None:
                 p = jnp.where(visible, p, 0.0)
             dv = dv + jnp.einsum("BKSM,BKMV->BKSV", p.astype(doi.dtype), doi,
                                  preferred_element_type=jnp.float32)
             dp = jnp.einsum("BKSV,BKMV->BKSM", vj, doi, preferred_element_type=jnp.float32)
-            ds = p * (dp - delta[i][:, :, None, :])  # d loss / d (scaled logits + bias)
+            ds = p * (dp - delta[i][:, :, None, :])  # d loss / d (final scores)
+            if sm_vjp is not None:
+                ds, dc = sm_vjp(ds)
+                dcon = tuple(a + b.astype(a.dtype) for a, b in zip(dcon, dc, strict=True))
             dk = dk + k_scale * jnp.einsum("BKSM,BKMH->BKSH", ds.astype(qi.dtype), qi,
                                            preferred_element_type=jnp.float32)
             dqi = scale * jnp.einsum("BKSM,BKSH->BKMH", ds.astype(kj.dtype), kj,
@@ -394,31 +378,36 @@ def _backward(qb, kb, vb, mask_g, bias_g, out, lse, dob, cfg: _Config):
                          j * bk if dbias.shape[4] > 1 else 0)
                 old = lax.dynamic_slice(dbias, start, tile_shape)
                 dbias = lax.dynamic_update_slice(dbias, old + _reduce_to(ds5, tile_shape), start)
-            return dk, dv, dq, dbias
+            return dk, dv, dq, dbias, dcon
 
-        dq, dbias = carry
-        refs = (qb, kj, vj, dob, mask_g, bias_g)
+        dq, dbias, dcon = carry
+        refs = (qb, kj, vj, dob, ctx.mask_g, bias_g, ctx.sm_consts)
         inner = (
-            _varying_like(jnp.zeros((B, K, bk, kj.shape[-1]), jnp.float32), *refs),
-            _varying_like(jnp.zeros((B, K, bk, vj.shape[-1]), jnp.float32), *refs),
-            dq,
-            dbias,
+            tiles.varying_like(jnp.zeros((B, K, bk, kj.shape[-1]), jnp.float32), *refs),
+            tiles.varying_like(jnp.zeros((B, K, bk, vj.shape[-1]), jnp.float32), *refs),
+            dq, dbias, dcon,
         )
-        if cfg.is_causal:
-            lo, full = _q_range(j, cfg)
-            inner = lax.fori_loop(lo, full, functools.partial(q_step, causal=True), inner)
-            inner = lax.fori_loop(full, cfg.nq, functools.partial(q_step, causal=False), inner)
+        if lst is None:
+            inner = lax.fori_loop(0, cfg.nq, functools.partial(
+                q_step, idx_list=None, partial=False), inner)
         else:
-            inner = lax.fori_loop(0, cfg.nq, functools.partial(q_step, causal=False), inner)
-        dk, dv, dq, dbias = inner
-        return (dq, dbias), (dk, dv)
+            full_idx, n_full, part_idx, n_part = lst
+            inner = lax.fori_loop(0, n_full, functools.partial(
+                q_step, idx_list=full_idx, partial=False), inner)
+            inner = lax.fori_loop(0, n_part, functools.partial(
+                q_step, idx_list=part_idx, partial=True), inner)
+        dk, dv, dq, dbias, dcon = inner
+        return (dq, dbias, dcon), (dk, dv)
 
-    refs = (qb, kb, vb, dob, mask_g, bias_g)
-    dq0 = _varying_like(jnp.zeros(qb.shape, jnp.float32), *refs)
-    dbias0 = None if bias_g is None else _varying_like(jnp.zeros(bias_g.shape, jnp.float32),
-                                                       *refs)
-    (dq, dbias), (dk, dv) = lax.scan(kv_block, (dq0, dbias0), (jnp.arange(cfg.nk), kb, vb))
-    return dq, dk, dv, dbias
+    refs = (qb, kb, vb, dob, ctx.mask_g, bias_g, ctx.sm_consts)
+    dq0 = tiles.varying_like(jnp.zeros(qb.shape, jnp.float32), *refs)
+    dbias0 = None if bias_g is None else tiles.varying_like(
+        jnp.zeros(bias_g.shape, jnp.float32), *refs)
+    dcon0 = tuple(tiles.varying_like(jnp.zeros(jnp.shape(c), jnp.result_type(c)), *refs)
+                  for c in fconsts)
+    (dq, dbias, dcon), (dk, dv) = lax.scan(
+        kv_block, (dq0, dbias0, dcon0), (jnp.arange(cfg.nk), kb, vb, lists_t))
+    return dq, dk, dv, dbias, dcon
 
 
 # ---------------------------------------------------------------------------
@@ -426,67 +415,173 @@ def _backward(qb, kb, vb, mask_g, bias_g, out, lse, dob, cfg: _Config):
 # ---------------------------------------------------------------------------
 
 
-def _prepare(q, k, v, mask, bias, cfg: _Config):
+def _sinks_km(sinks, cfg: Config):
+    """``[N]`` sink logits -> ``[1, K, M]`` float32 (row m of a block is head m % G)."""
+    if sinks is None:
+        return None
+    s = sinks.astype(jnp.float32).reshape(cfg.K, 1, cfg.G)
+    return jnp.broadcast_to(s, (cfg.K, cfg.block_q, cfg.G)).reshape(1, cfg.K, -1)
+
+
+def _setup(cfg, sm_fn, q, k, v, mask, bias, scale, structure, q_positions, kv_positions,
+           static_ho, traced_ho, consts):
     if cfg.prescale:
-        q = q * jnp.asarray(cfg.scale, q.dtype)
-    qb = _block_q(q, cfg)
-    kb, vb = _block_kv(k, cfg), _block_kv(v, cfg)
-    mask_g = None if mask is None else _group_tile(mask.astype(bool), cfg, False)
-    bias_g = None if bias is None else _group_tile(bias, cfg, 0)
-    return qb, kb, vb, mask_g, bias_g
+        q = q * scale.astype(q.dtype)
+    qb = tiles.block_q(q, cfg)
+    kb, vb = tiles.block_kv(k, cfg), tiles.block_kv(v, cfg)
+    ctx = _Ctx(
+        cfg=cfg, B=q.shape[0],
+        mask_g=None if mask is None else tiles.group_tile(mask.astype(bool), cfg, False),
+        bias_g=None if bias is None else tiles.group_tile(bias, cfg, 0),
+        structure=structure,
+        q_pos=tiles.padded_positions(q_positions, cfg.T, cfg.nq * cfg.block_q),
+        kv_pos=tiles.padded_positions(kv_positions, cfg.S, cfg.nk * cfg.block_kv),
+        head_offset=static_ho if traced_ho is None else traced_ho,
+        scale=scale, sm_fn=sm_fn, sm_consts=tuple(consts),
+    )
+    cls = _tile_classes(ctx, cfg.N, q_positions, kv_positions)
+    return ctx, qb, kb, vb, cls
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention(q, k, v, mask, bias, cfg: _Config):
-    out, _ = _attention_fwd(q, k, v, mask, bias, cfg)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _attention(cfg, sm_fn, static_ho, q, k, v, mask, bias, sinks, scale, structure,
+               q_positions, kv_positions, traced_ho, consts):
+    out, _ = _attention_fwd(cfg, sm_fn, static_ho, q, k, v, mask, bias, sinks, scale, structure,
+                            q_positions, kv_positions, traced_ho, consts)
     return out
 
 
-def _attention_fwd(q, k, v, mask, bias, cfg: _Config):
-    qb, kb, vb, mask_g, bias_g = _prepare(q, k, v, mask, bias, cfg)
-    out, lse = _forward(qb, kb, vb, mask_g, bias_g, cfg)
-    y = _unblock_q(out, cfg).astype(q.dtype)
+def _attention_fwd(cfg, sm_fn, static_ho, q, k, v, mask, bias, sinks, scale, structure,
+                   q_positions, kv_positions, traced_ho, consts):
+    ctx, qb, kb, vb, cls = _setup(cfg, sm_fn, q, k, v, mask, bias, scale, structure,
+                                  q_positions, kv_positions, static_ho, traced_ho, consts)
+    lists = None if cls is None else _compact(cls)
+    out, lse = _forward(qb, kb, vb, ctx, lists, _sinks_km(sinks, cfg))
+    y = tiles.unblock_q(out, cfg).astype(q.dtype)
     # Residuals: the inputs and the output (already live) plus the O(B*N*T) lse.
-    return y, (q, k, v, mask, bias, y, lse)
+    res = (q, k, v, mask, bias, sinks, scale, structure, q_positions, kv_positions, traced_ho,
+           consts, y, lse)
+    return y, res
 
 
-def _attention_bwd(cfg: _Config, res, dy):
-    q, k, v, mask, bias, y, lse = res
-    qb, kb, vb, mask_g, bias_g = _prepare(q, k, v, mask, bias, cfg)
-    ob = _block_q(y, cfg).astype(jnp.float32)
-    dob = _block_q(dy.astype(q.dtype), cfg)
-    dq, dk, dv, dbias = _backward(qb, kb, vb, mask_g, bias_g, ob, lse, dob, cfg)
-    dq = _unblock_q(dq, cfg).astype(q.dtype)
-    dk = _unblock_kv(dk, cfg).astype(k.dtype)
-    dv = _unblock_kv(dv, cfg).astype(v.dtype)
+def _attention_bwd(cfg, sm_fn, static_ho, res, dy):
+    (q, k, v, mask, bias, sinks, scale, structure, q_positions, kv_positions, traced_ho,
+     consts, y, lse) = res
+    ctx, qb, kb, vb, cls = _setup(cfg, sm_fn, q, k, v, mask, bias, scale, structure,
+                                  q_positions, kv_positions, static_ho, traced_ho, consts)
+    lists_t = None if cls is None else _compact(cls.T)
+    ob = tiles.block_q(y, cfg).astype(jnp.float32)
+    dob = tiles.block_q(dy.astype(q.dtype), cfg)
+    dq, dk, dv, dbias, dcon = _backward(qb, kb, vb, ob, lse, dob, ctx, lists_t)
+    dq = tiles.unblock_q(dq, cfg).astype(q.dtype)
+    dk = tiles.unblock_kv(dk, cfg).astype(k.dtype)
+    dv = tiles.unblock_kv(dv, cfg).astype(v.dtype)
     if bias is not None:
-        dbias = _ungroup_tile(dbias, bias.shape, cfg).astype(bias.dtype)
-    return (_sum_to(dq, q), _sum_to(dk, k), _sum_to(dv, v), None,
-            None if bias is None else _sum_to(dbias, bias))
-
-
-def _sum_to(ct: Array, primal: Array) -> Array:
-    """Inside ``jax.shard_map``: the cotangent of an input that is the same on every
-    device (e.g. a bias shared by head shards) is the sum of the per-device
-    cotangents (what autodiff does for the implicit broadcast). No-op elsewhere."""
-    extra = tuple(sorted(_varying_axes(ct) - _varying_axes(primal)))
-    return lax.psum(ct, extra) if extra else ct
+        dbias = tiles.sum_to(tiles.ungroup_tile(dbias, bias.shape, cfg).astype(bias.dtype), bias)
+    dsinks = None
+    if sinks is not None:
+        delta = jnp.sum(dob.astype(jnp.float32) * ob, axis=-1)  # [nq, B, K, M]
+        p_sink = jnp.exp(_sinks_km(sinks, cfg) - lse)  # 0 where lse = +inf
+        d = -(p_sink * delta).sum(axis=(0, 1)).reshape(cfg.K, cfg.block_q, cfg.G).sum(axis=1)
+        dsinks = tiles.sum_to(d.reshape(cfg.N).astype(sinks.dtype), sinks)
+    it = iter(dcon)
+    dconsts = tuple(tiles.sum_to(next(it).astype(jnp.result_type(c)), c) if f else None
+                    for c, f in zip(consts, _float_consts(consts), strict=True))
+    return (tiles.sum_to(dq, q), tiles.sum_to(dk, k), tiles.sum_to(dv, v), None, dbias, dsinks,
+            None, None, None, None, None, dconsts)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _can_prescale(dtype, scale) -> bool:
+    """Scaling q before the matmul rounds it: fine in float32, exact for a (static)
+    positive power of two; otherwise the scores are scaled in float32 instead."""
+    if jnp.dtype(dtype).itemsize >= 4:
+        return True
+    if not isinstance(scale, (int, float)) or not scale > 0:
+        return False
+    return math.log2(scale).is_integer()
+
+
+def _is_static_number(x) -> bool:
+    return isinstance(x, (int, float, np.floating, np.integer)) and not isinstance(x, bool)
+
+
+def _build(q, k, v, mask, *, is_causal, scale, block_q, block_kv, score_mod, q_positions,
+           kv_positions, head_offset):
+    """Validates and resolves one call: ``(cfg, sm_fn, static_ho, dense_mask, structure,
+    q_positions, kv_positions, traced_ho, scale_array, consts)``."""
+    B, T, S, N, K, H, V = ops.check_qkv(q, k, v)
+    dbq, dbk = default_block_sizes(T, S)
+    block_q = dbq if block_q is None else int(block_q)
+    block_kv = dbk if block_kv is None else int(block_kv)
+    if block_q < 1 or block_kv < 1:
+        raise ValueError(f"block sizes must be >= 1; got block_q={block_q}, block_kv={block_kv}")
+    structure = mask if isinstance(mask, masks.Mask) else None
+    dense = None if structure is not None else mask
+    if is_causal:
+        structure = masks.Causal() if structure is None else masks.Causal() & structure
+    if structure is not None:
+        structure.check(B, N, T, S)
+    if scale is None:
+        scale = ops.default_scale(H)
+    if _is_static_number(scale):
+        scale = float(scale)
+    cfg = Config(T=T, S=S, K=K, G=N // K, block_q=block_q, block_kv=block_kv,
+                 prescale=_can_prescale(q.dtype, scale))
+    scale_arr = jnp.asarray(scale, jnp.float32)
+    if scale_arr.ndim:
+        raise ValueError(f"scale must be a scalar; got shape {scale_arr.shape}")
+    static_ho = int(head_offset) if _is_static_number(head_offset) else None
+    traced_ho = None if static_ho is not None else jnp.asarray(head_offset, jnp.int32)
+    q_positions = None if q_positions is None else masks._positions_2d(q_positions, T,
+                                                                        "q_positions")
+    kv_positions = None if kv_positions is None else masks._positions_2d(kv_positions, S,
+                                                                         "kv_positions")
+    sm_fn, consts = None, ()
+    if score_mod is not None:
+        sm_fn, consts = _convert_score_mod(score_mod, cfg, B, q_positions, kv_positions,
+                                           static_ho if traced_ho is None else traced_ho, (q, k))
+    return (cfg, sm_fn, static_ho, dense, structure, q_positions, kv_positions, traced_ho,
+            scale_arr, tuple(consts))
+
+
+def _convert_score_mod(score_mod, cfg: Config, B, q_positions, kv_positions, head_offset,
+                       operands):
+    """``jax.closure_convert`` of score_mod at the tile shapes, so closed-over arrays
+    become explicit (differentiable) operands of the custom_vjp. The example
+    arguments are real (tiny) arrays, varying over the same shard_map axes as the
+    tiles the kernel will pass."""
+    qp = tiles.padded_positions(q_positions, cfg.T, cfg.nq * cfg.block_q)
+    kp = tiles.padded_positions(kv_positions, cfg.S, cfg.nk * cfg.block_kv)
+    idx = tiles.tile_index(0, 0, cfg, B, qp, kp, head_offset)
+    tile_shape = (B, cfg.K, cfg.block_q, cfg.G, cfg.block_kv)
+
+    def fn(s, b, n, t, kv):
+        out = jnp.asarray(score_mod(s, b, n, t, kv))
+        return jnp.broadcast_to(out, tile_shape).astype(jnp.float32)
+
+    example = tiles.varying_like(jnp.zeros(tile_shape, jnp.float32), *operands)
+    return jax.closure_convert(fn, example, idx.b, idx.n, idx.q_pos, idx.kv_pos)
 
 
 def blockwise_attention(
     q: Array,
     k: Array,
     v: Array,
-    mask: Array | None = None,
+    mask: Array | masks.Mask | None = None,
     bias: Array | None = None,
     *,
     is_causal: bool = False,
-    scale: float | None = None,
+    scale: float | Array | None = None,
     block_q: int | None = None,
     block_kv: int | None = None,
+    score_mod: Callable | None = None,
+    sinks: Array | None = None,
+    q_positions: Array | None = None,
+    kv_positions: Array | None = None,
+    head_offset: int | Array = 0,
 ) -> Array:
     """Memory-efficient attention, equal to :func:`attention_jax.ops.attention_core`.
 
@@ -494,14 +589,22 @@ def blockwise_attention(
       q: ``[B, T, N, H]`` queries.
       k: ``[B, S, K, H]`` keys (N % K == 0; K/V are never repeated).
       v: ``[B, S, K, V]`` values.
-      mask: boolean, broadcastable to ``[B, N, T, S]``; True = attend. Kept at its
-        broadcast shape and sliced per block.
+      mask: a mask object (:mod:`attention_jax.masks`; evaluated per tile, empty tiles
+        skipped) or a dense boolean broadcastable to ``[B, N, T, S]`` (kept at its
+        broadcast shape and sliced per tile); True = attend.
       bias: float, broadcastable to ``[B, N, T, S]``; added to the scaled scores.
         Differentiable (its gradient is summed back to its own shape).
-      is_causal: top-left aligned causal mask; blocks above the diagonal are skipped.
-      scale: score scale, default ``1/sqrt(H)``.
+      is_causal: ``Causal()`` at the positions (top-left aligned by default).
+      scale: score scale, default ``1/sqrt(H)``; a Python number or a traced scalar
+        (no gradient flows to it); any value, zero and negative included.
       block_q, block_kv: block sizes; default :func:`default_block_sizes`. T and S
         need not be multiples (inputs are padded internally, pad keys masked).
+      score_mod: ``fn(score, b, n, t, s) -> score`` on the scaled (and biased) float32
+        scores before masking; gradients flow to the arrays it closes over.
+      sinks: ``[N]`` logits joining each row's softmax denominator (no value); differentiable.
+      q_positions, kv_positions: ``[T]`` / ``[B, T]`` and ``[S]`` / ``[B, S]`` absolute
+        positions the mask objects and score_mod see (default ``arange``).
+      head_offset: global index of the first local head (int or traced scalar).
 
     Returns:
       ``[B, T, N, V]`` in q's dtype. Scores, softmax and accumulation are float32;
@@ -515,42 +618,133 @@ def blockwise_attention(
     (1, 10, 4, 8)
     """
     B, T, S, N, K, H, V = ops.check_qkv(q, k, v)
-    # Resolved outside the jit below, so that the jit cache keys on the sizes used.
-    dbq, dbk = default_block_sizes(T, S)
-    block_q = dbq if block_q is None else int(block_q)
-    block_kv = dbk if block_kv is None else int(block_kv)
-    if block_q < 1 or block_kv < 1:
-        raise ValueError(f"block sizes must be >= 1; got block_q={block_q}, block_kv={block_kv}")
+    if sinks is not None and tuple(jnp.shape(sinks)) != (N,):
+        raise ValueError(f"sinks must be [num_heads] = [{N}]; got shape {tuple(jnp.shape(sinks))}")
+    (cfg, sm_fn, static_ho, dense, structure, q_positions, kv_positions, traced_ho, scale_arr,
+     consts) = _build(q, k, v, mask, is_causal=is_causal, scale=scale, block_q=block_q,
+                      block_kv=block_kv, score_mod=score_mod, q_positions=q_positions,
+                      kv_positions=kv_positions, head_offset=head_offset)
     if math.prod(q.shape) == 0 or S == 0:
         return jnp.zeros((B, T, N, V), q.dtype)
-    scale = float(ops.default_scale(H) if scale is None else scale)
-    cfg = _Config(
-        T=T, S=S, K=K, G=N // K, block_q=block_q, block_kv=block_kv, is_causal=bool(is_causal),
-        scale=scale, prescale=_can_prescale(q.dtype, scale),
-    )
-    return _jit_attention(q, k, v, mask, bias, cfg)
+    args = (q, k, v, dense, bias, sinks, scale_arr, structure, q_positions, kv_positions,
+            traced_ho, consts)
+    if sm_fn is not None:  # a fresh closure-converted function: nothing to cache on
+        return _attention(cfg, sm_fn, static_ho, *args)
+    return _jit_attention(cfg, None, static_ho, *args)
 
 
-def _can_prescale(dtype, scale: float) -> bool:
-    """Scaling q before the matmul rounds it; exact for powers of two, fine in float32."""
-    return jnp.dtype(dtype).itemsize >= 4 or math.log2(scale).is_integer()
-
-
-@functools.partial(jax.jit, static_argnums=(5,))
-def _jit_attention(q, k, v, mask, bias, cfg: _Config) -> Array:
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _jit_attention(cfg, sm_fn, static_ho, *args) -> Array:
     # Jitted so that eager callers do not run the loops op by op.
-    return _attention(q, k, v, mask, bias, cfg)
+    return _attention(cfg, sm_fn, static_ho, *args)
 
 
 def blockwise_core(
     q: Array,
     k: Array,
     v: Array,
-    mask: Array | None = None,
+    mask: Array | masks.Mask | None = None,
     bias: Array | None = None,
     *,
     is_causal: bool = False,
     scale: float | None = None,
+    **kwargs,
 ) -> Array:
-    """:func:`blockwise_attention` with the signature of ``ops.attention_core``."""
-    return blockwise_attention(q, k, v, mask, bias, is_causal=is_causal, scale=scale)
+    """:func:`blockwise_attention` with the signature of ``ops.attention_core``
+    (keywords ``score_mod``, ``sinks``, ``q_positions``, ``kv_positions``,
+    ``head_offset`` passed on)."""
+    return blockwise_attention(q, k, v, mask, bias, is_causal=is_causal, scale=scale, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Pieces for context parallelism
+# ---------------------------------------------------------------------------
+
+
+def merge_partials(out_a: Array, lse_a: Array, out_b: Array, lse_b: Array):
+    """Log-sum-exp merge of two partial attentions over disjoint key sets.
+
+    Args:
+      out_a, out_b: ``[B, T, N, V]`` normalised partial outputs.
+      lse_a, lse_b: ``[B, T, N]`` float32 log-sum-exp of each part's scores
+        (``-inf`` for a row that saw no key in that part).
+
+    Returns:
+      ``(out [B, T, N, V] float32, lse [B, T, N] float32)``, as if one softmax had
+      run over both key sets. Adding sinks is a merge with ``out_b = 0`` and
+      ``lse_b = sinks``.
+
+    >>> import jax.numpy as jnp
+    >>> o, l = merge_partials(jnp.ones((1, 1, 1, 2)), jnp.zeros((1, 1, 1)),
+    ...                       jnp.zeros((1, 1, 1, 2)), jnp.zeros((1, 1, 1)))
+    >>> o.tolist(), round(float(l[0, 0, 0]), 4)
+    ([[[[0.5, 0.5]]]], 0.6931)
+    """
+    lse_a, lse_b = lse_a.astype(jnp.float32), lse_b.astype(jnp.float32)
+    m = jnp.maximum(lse_a, lse_b)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    wa, wb = jnp.exp(lse_a - m_safe), jnp.exp(lse_b - m_safe)
+    total = wa + wb
+    seen = total > 0
+    lse = jnp.where(seen, m_safe + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
+    inv = jnp.where(seen, 1.0 / jnp.where(seen, total, 1.0), 0.0)
+    out = (out_a.astype(jnp.float32) * (wa * inv)[..., None]
+           + out_b.astype(jnp.float32) * (wb * inv)[..., None])
+    return out, lse
+
+
+def block_forward(q, k, v, mask=None, *, score_mod=None, q_positions=None, kv_positions=None,
+                  head_offset=0, scale=None, block_q=None, block_kv=None):
+    """One query block against one key block, unnormalised across blocks.
+
+    Args:
+      q: ``[B, T, N, H]``; k: ``[B, S, K, H]``; v: ``[B, S, K, V]`` (a shard each).
+      mask, score_mod, head_offset, scale, block_q, block_kv: as in
+        :func:`blockwise_attention` (``is_causal`` is ``mask=Causal()`` here).
+      q_positions, kv_positions: the shards' absolute positions (``[T]`` / ``[B, T]``,
+        ``[S]`` / ``[B, S]``).
+
+    Returns:
+      ``(out [B, T, N, V] float32, lse [B, T, N] float32)``; ``lse = -inf`` (and
+      out 0) for rows that see no key of this block. Combine with :func:`merge_partials`.
+    """
+    (cfg, sm_fn, static_ho, dense, structure, q_positions, kv_positions, traced_ho, scale_arr,
+     consts) = _build(q, k, v, mask, is_causal=False, scale=scale, block_q=block_q,
+                      block_kv=block_kv, score_mod=score_mod, q_positions=q_positions,
+                      kv_positions=kv_positions, head_offset=head_offset)
+    ctx, qb, kb, vb, cls = _setup(cfg, sm_fn, q, k, v, dense, None, scale_arr, structure,
+                                  q_positions, kv_positions, static_ho, traced_ho, consts)
+    out, lse = _forward(qb, kb, vb, ctx, None if cls is None else _compact(cls))
+    lse = jnp.where(jnp.isinf(lse), -jnp.inf, lse)
+    return tiles.unblock_q(out, cfg), tiles.unblock_q(lse[..., None], cfg)[..., 0]
+
+
+def block_backward(q, k, v, out, lse, dout, mask=None, *, score_mod=None, q_positions=None,
+                   kv_positions=None, head_offset=0, scale=None, block_q=None, block_kv=None):
+    """Gradients of one (query block, key block) pair given the *final* output.
+
+    Args:
+      q, k, v, mask, ...: as in :func:`block_forward`.
+      out: ``[B, T, N, V]`` the final (merged over all key blocks) output.
+      lse: ``[B, T, N]`` its final log-sum-exp (``-inf`` for rows that saw nothing).
+      dout: ``[B, T, N, V]`` the cotangent of the final output.
+
+    Returns:
+      ``(dq [B, T, N, H], dk [B, S, K, H], dv [B, S, K, V])`` float32: this key
+      block's share of dq (sum over blocks) and its own dk, dv.
+    """
+    (cfg, sm_fn, static_ho, dense, structure, q_positions, kv_positions, traced_ho, scale_arr,
+     consts) = _build(q, k, v, mask, is_causal=False, scale=scale, block_q=block_q,
+                      block_kv=block_kv, score_mod=score_mod, q_positions=q_positions,
+                      kv_positions=kv_positions, head_offset=head_offset)
+    ctx, qb, kb, vb, cls = _setup(cfg, sm_fn, q, k, v, dense, None, scale_arr, structure,
+                                  q_positions, kv_positions, static_ho, traced_ho, consts)
+    lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse.astype(jnp.float32))
+    lse_b = tiles.block_q(lse[..., None], cfg)[..., 0]
+    lse_b = jnp.where(jnp.arange(cfg.nq * cfg.block_q).reshape(cfg.nq, 1, 1, cfg.block_q, 1)
+                      .repeat(cfg.G, 4).reshape(cfg.nq, 1, 1, -1) < cfg.T, lse_b, jnp.inf)
+    ob = tiles.block_q(out, cfg).astype(jnp.float32)
+    dob = tiles.block_q(dout.astype(q.dtype), cfg)
+    dq, dk, dv, _, _ = _backward(qb, kb, vb, ob, lse_b, dob, ctx,
+                                 None if cls is None else _compact(cls.T))
+    return tiles.unblock_q(dq, cfg), tiles.unblock_kv(dk, cfg), tiles.unblock_kv(dv, cfg)

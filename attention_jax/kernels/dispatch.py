@@ -39,14 +39,17 @@ def choose_implementation(
     bias: Array | None = None,
     *,
     platform: str | None = None,
+    **extras,
 ) -> str:
     """The backend ``"auto"`` runs for these operands.
 
     Rules, in order:
 
-    1. GPU, and cuDNN supports the call (:func:`cudnn_unsupported_reason`): ``"cudnn"``.
+    1. GPU, and cuDNN supports the call (:func:`cudnn_unsupported_reason`, mask
+       objects and extras included): ``"cudnn"``.
     2. CPU, few query rows against a long cache (decoding): ``T * N <= 16``, or
-       ``T * N <= 64`` and ``S >= 2048``; and ``T * N * S <= 2**24``: ``"decode"``.
+       ``T * N <= 64`` and ``S >= 2048``; and ``T * N * S <= 2**24``; and no
+       score_mod or sinks: ``"decode"`` (mask objects evaluated densely there).
     3. ``T * S <= AUTO_EINSUM_MAX_TS[platform]``: ``"xla"``.
     4. Otherwise ``"blockwise"`` (memory linear in T).
 
@@ -59,11 +62,13 @@ def choose_implementation(
     ('blockwise', 'decode')
     """
     platform = platform_name(platform)
-    if platform == "gpu" and not cudnn_unsupported_reason(q, k, v, mask, bias, platform="gpu"):
+    if platform == "gpu" and not cudnn_unsupported_reason(q, k, v, mask, bias, platform="gpu",
+                                                          **extras):
         return "cudnn"
+    plain = extras.get("score_mod") is None and extras.get("sinks") is None
     T, N, S = q.shape[1], q.shape[2], k.shape[1]
     rows = T * N
-    if platform == "cpu" and rows * S <= AUTO_DECODE_MAX_SCORES and (
+    if plain and platform == "cpu" and rows * S <= AUTO_DECODE_MAX_SCORES and (
         rows <= AUTO_DECODE_ALWAYS_ROWS
         or (rows <= AUTO_DECODE_MAX_ROWS and S >= AUTO_DECODE_MIN_S)
     ):
@@ -82,7 +87,10 @@ def auto_attention(
     *,
     is_causal: bool = False,
     scale: float | None = None,
+    **extras,
 ) -> Array:
-    """Runs the backend :func:`choose_implementation` picks (signature of ``attention_core``)."""
-    fn = ops.get_implementation(choose_implementation(q, k, v, mask, bias))
-    return fn(q, k, v, mask, bias, is_causal=is_causal, scale=scale)
+    """Runs the backend :func:`choose_implementation` picks (signature of ``attention_core``;
+    ``extras``: score_mod, sinks, q_positions, kv_positions, head_offset)."""
+    impl = choose_implementation(q, k, v, mask, bias, **extras)
+    return ops.dot_product_attention(q, k, v, mask, bias, is_causal=is_causal, scale=scale,
+                                     implementation=impl, **extras)
