@@ -23,7 +23,12 @@ q_bias      ``[N, H]``           ``('heads', 'head_dim')``
 k_bias      ``[K, H]``           ``('kv_heads', 'head_dim')``
 v_bias      ``[K, V]``           ``('kv_heads', 'head_dim')``
 o_bias      ``[Do]``             ``('embed',)``
+q_norm      ``[H]`` or ``[N, H]``  ``('head_dim',)`` / ``('heads', 'head_dim')``
+k_norm      ``[H]`` or ``[K, H]``  ``('head_dim',)`` / ``('kv_heads', 'head_dim')``
+sinks       ``[N]``              ``('heads',)``
 ==========  ===================  =============================================
+
+(biases, norms and sinks only when the configuration has them).
 
 >>> cfg = AttentionConfig(64, 8, num_kv_heads=2)
 >>> cfg.head_dim, cfg.num_groups, cfg.out_features
@@ -68,7 +73,13 @@ PARAM_AXES: dict[str, ParamLayout] = {
     "k_bias": ParamLayout((KV_HEADS, HEAD_DIM), 0),
     "v_bias": ParamLayout((KV_HEADS, HEAD_DIM), 0),
     "o_bias": ParamLayout((EMBED,), 0),
+    # qk_norm="head": one [H] scale shared by the heads; "full": [N, H] / [K, H]
+    # (config.params() gives each configuration's own axes).
+    "q_norm": ParamLayout((HEAD_DIM,), 0),
+    "k_norm": ParamLayout((HEAD_DIM,), 0),
+    "sinks": ParamLayout((HEADS,), 0),
 }
+QK_NORMS = ("head", "full")
 
 
 class ParamSpec(NamedTuple):
@@ -139,6 +150,17 @@ class AttentionConfig:
         positions: a base theta (e.g. ``10_000.0``) or an
         :class:`attention_jax.rope.Rope` (scaling, partial rotary, layout);
         ``None`` means no rope.
+      qk_norm: RMSNorm of q and k before rope, with a learned scale
+        (``x / rms(x) * w``): ``"head"`` over each head's H features, one ``[H]``
+        scale shared by the heads (Qwen 3, Gemma 3); ``"full"`` over all N * H
+        (K * H) features with an ``[N, H]`` (``[K, H]``) scale (OLMo 2); None, off.
+      qk_norm_eps: the RMSNorm epsilon.
+      softcap: logit soft-capping ``cap * tanh(score / cap)`` (Gemma 2), applied
+        to the scaled logits after any ``score_mod`` of the call; None, off.
+      sliding_window: W: query t sees keys ``t - W < s <= t`` (transformers'
+        sliding window, causal), combined with the call's mask; None, off.
+      sinks: a learned ``[N]`` sink logit per query head in the softmax
+        denominator (gpt-oss; parameter ``sinks``, initialised to 0).
 
     Raises:
       TypeError: a size that is not an int (e.g. ``d_model / 8``).
@@ -165,6 +187,11 @@ class AttentionConfig:
     scale: float | None = None
     deterministic: bool | None = None
     rope: float | rope_lib.Rope | None = None
+    qk_norm: str | None = None
+    qk_norm_eps: float = 1e-6
+    softcap: float | None = None
+    sliding_window: int | None = None
+    sinks: bool = False
 
     def __post_init__(self):
         def resolve(name: str, value: Any) -> None:
@@ -214,6 +241,20 @@ class AttentionConfig:
                 f"got {self.rope!r}"
             )
         rope_lib.check_rope(self.rope, H)
+        if self.qk_norm not in (None, *QK_NORMS):
+            raise ValueError(f"qk_norm must be one of {QK_NORMS} or None; got {self.qk_norm!r}")
+        for name in ("qk_norm_eps", "softcap"):
+            value = getattr(self, name)
+            if value is None and name == "softcap":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+                    math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+            resolve(name, float(value))
+        resolve("sliding_window", _check_size("sliding_window", self.sliding_window,
+                                              optional=True))
+        if not isinstance(self.sinks, bool):
+            raise TypeError(f"sinks must be a bool; got {self.sinks!r}")
         for name in ("dtype", "param_dtype"):
             value = getattr(self, name)
             if value is not None:
@@ -248,20 +289,37 @@ class AttentionConfig:
         """Shape of every parameter the layer can have (present or not), by name."""
         D, N, K, H, V = (self.in_features, self.num_heads, self.num_kv_heads, self.head_dim,
                          self.v_head_dim)
+        full = self.qk_norm == "full"
         return {
             "q_kernel": (D, N, H), "k_kernel": (self.in_k_features, K, H),
             "v_kernel": (self.in_v_features, K, V), "o_kernel": (N, V, self.out_features),
             "q_bias": (N, H), "k_bias": (K, H), "v_bias": (K, V), "o_bias": (self.out_features,),
+            "q_norm": (N, H) if full else (H,), "k_norm": (K, H) if full else (H,),
+            "sinks": (N,),
         }
+
+    def has_param(self, name: str) -> bool:
+        """Whether this configuration has parameter ``name``."""
+        if name.endswith("_bias"):
+            return self.has_bias(name[0])
+        if name.endswith("_norm"):
+            return self.qk_norm is not None
+        if name == "sinks":
+            return self.sinks
+        return name in PARAM_AXES
 
     def params(self) -> tuple[ParamSpec, ...]:
         """The parameters this configuration has, in :data:`PARAM_AXES` order."""
         shapes = self.param_shapes()
-        return tuple(
-            ParamSpec(name, shapes[name], *PARAM_AXES[name])
-            for name in PARAM_AXES
-            if not name.endswith("_bias") or self.has_bias(name[0])
-        )
+        specs = []
+        for name in PARAM_AXES:
+            if not self.has_param(name):
+                continue
+            axes, fan_in = PARAM_AXES[name]
+            if name.endswith("_norm") and self.qk_norm == "full":
+                axes = (HEADS if name == "q_norm" else KV_HEADS, HEAD_DIM)
+            specs.append(ParamSpec(name, shapes[name], axes, fan_in))
+        return tuple(specs)
 
     def replace(self, **changes: Any) -> AttentionConfig:
         """A copy with ``changes``; derived sizes left at their defaults are re-derived.

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attention_jax.config import KV_HEADS
 from attention_jax.modules import PARAM_AXES, MultiHeadAttention
 
 Array = jax.Array
@@ -118,19 +119,17 @@ def convert_kv_heads(
     new.deterministic = module.deterministic
     if module.rngs is not None:
         new.rngs = nnx.clone(module.rngs)
-    for name in PARAM_AXES:
-        old = getattr(module, name)
-        if old is None:
-            continue
-        value = old[...]
-        if name in _KV_PARAMS:
+    for spec in module.config.params():
+        value = getattr(module, spec.name)[...]
+        if KV_HEADS in spec.axes:  # k/v kernels and biases (and a "full" k_norm)
+            axis = spec.axes.index(KV_HEADS)
             if Kn > K:
-                value = jnp.repeat(value, Kn // K, axis=_kv_axis(name))
+                value = jnp.repeat(value, Kn // K, axis=axis)
             elif Kn < K:
-                if method == "random":
+                if method == "random" and spec.name in _KV_PARAMS:
                     continue
-                value = pool_kv_heads(value, _kv_axis(name), Kn, method)
-        getattr(new, name)[...] = value
+                value = pool_kv_heads(value, axis, Kn, "mean" if method == "random" else method)
+        getattr(new, spec.name)[...] = value
     return new
 
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from attention_jax import cache as kv_cache
-from attention_jax import ops
+from attention_jax import masks, ops, scores
 from attention_jax import rope as rope_lib
 from attention_jax.config import PARAM_AXES, AttentionConfig
 
@@ -208,12 +208,19 @@ def _decode(config, params, x, cache, *, mask, valid_lengths, kv_heads, scale
             ) -> tuple[Array, kv_cache.KVCache]:
     """Projections, cached attention, output projection: ``([B, t, Do] without o_bias, cache)``."""
     p, dtype = _cast_params(params, x, dtype=config.dtype)
-    pos = kv_cache.positions(cache, x.shape[1])  # [B, t]
+    t = x.shape[1]
+    pos = kv_cache.positions(cache, t)  # [B, t]
     q, k, v = _project_qkv(p, x, x, x, dtype=dtype, rope=config.rope, positions=pos,
-                           kv_positions=pos)
+                           kv_positions=pos, config=config)
+    if config.sliding_window is not None:  # dense [B, 1, t, L]: the kernel skips the blocks
+        window = masks.sliding_window_mask(t, cache.max_length, window=config.sliding_window,
+                                           offset=cache.lengths)
+        mask = window if mask is None else masks.combine_masks(mask, window)
+    extra = {name: value for name, value in (
+        ("score_mod", _with_softcap(config, None)), ("sinks", p.get("sinks"))) if value is not None}
     out, cache = kv_cache.cached_attention(
         q, k, v, cache, valid_lengths=valid_lengths, mask=mask, scale=scale,
-        implementation=config.implementation, kv_heads=kv_heads,
+        implementation=config.implementation, kv_heads=kv_heads, **extra,
     )  # [B, t, N, V]
     return ops.merge_heads(out, p["o_kernel"]), cache  # [B, t, Do]
 
@@ -235,10 +242,12 @@ def _forward(config, params, inputs_q, inputs_k, inputs_v, *, mask, is_causal, s
     """Projections, attention, output projection: ``([B, T, Do] without o_bias, weights)``."""
     p, dtype = _cast_params(params, inputs_q, inputs_k, inputs_v, dtype=config.dtype)
     q, k, v = _project_qkv(p, inputs_q, inputs_k, inputs_v, dtype=dtype, rope=config.rope,
-                           positions=positions, kv_positions=kv_positions)
+                           positions=positions, kv_positions=kv_positions, config=config)
+    mask = _with_window(config, mask, q.shape[1], k.shape[1], positions, kv_positions)
     # The structured-mask options only when used, so the plain call stays the plain call.
     extra = {name: value for name, value in (
-        ("score_mod", score_mod), ("q_positions", positions), ("kv_positions", kv_positions),
+        ("score_mod", _with_softcap(config, score_mod)), ("sinks", p.get("sinks")),
+        ("q_positions", positions), ("kv_positions", kv_positions),
     ) if value is not None}
     if not (isinstance(head_offset, int) and head_offset == 0):
         extra["head_offset"] = head_offset
@@ -252,6 +261,27 @@ def _forward(config, params, inputs_q, inputs_k, inputs_v, *, mask, is_causal, s
     return ops.merge_heads(out, p["o_kernel"]), weights  # [B, T, Do]
 
 
+def _with_softcap(config: AttentionConfig, score_mod):
+    """The call's score_mod followed by the config's soft-capping (None when neither)."""
+    if config.softcap is None:
+        return score_mod
+    cap = scores.softcap(config.softcap)
+    if score_mod is None:
+        return cap
+    return lambda s, b, n, t, k: cap(score_mod(s, b, n, t, k), b, n, t, k)
+
+
+def _with_window(config: AttentionConfig, mask, T: int, S: int, positions, kv_positions):
+    """The call's mask and the config's sliding window (keys ``t - W < s <= t``)."""
+    if config.sliding_window is None:
+        return mask
+    window = masks.SlidingWindow(config.sliding_window - 1)
+    if mask is None or isinstance(mask, masks.Mask):
+        return window if mask is None else mask & window
+    dense = window.dense(1, 1, T, S, q_positions=positions, kv_positions=kv_positions)
+    return masks.combine_masks(mask, dense)
+
+
 def _cast_params(params: Params, *inputs: Array, dtype: Any) -> tuple[Params, Any]:
     """Parameters in the computation dtype (default: promoted from inputs and params)."""
     params = {n: params.get(n) for n in PARAM_AXES}
@@ -260,15 +290,37 @@ def _cast_params(params: Params, *inputs: Array, dtype: Any) -> tuple[Params, An
     return {n: None if a is None else jnp.asarray(a, dtype) for n, a in params.items()}, dtype
 
 
+def rms_norm(x: Array, scale: Array, eps: float, *, axes: tuple[int, ...] = (-1,)) -> Array:
+    """``x / sqrt(mean(x^2) + eps) * scale`` over ``axes``, the mean in float32.
+
+    ``x [B, T, N, H]`` with ``scale [H]`` (per head, ``axes=(-1,)``) or ``[N, H]``
+    (over the whole width, ``axes=(-2, -1)``).
+    """
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axes, keepdims=True) + eps)
+    return normed.astype(x.dtype) * scale.astype(x.dtype)
+
+
+def _qk_norm(x: Array, scale: Array | None, config: AttentionConfig) -> Array:
+    if scale is None:
+        return x
+    axes = (-2, -1) if config.qk_norm == "full" else (-1,)
+    return rms_norm(x, scale, config.qk_norm_eps, axes=axes)
+
+
 def _project_qkv(
     p: Params, inputs_q: Array, inputs_k: Array, inputs_v: Array, *, dtype: Any,
     rope: float | rope_lib.Rope | None, positions: Array | None, kv_positions: Array | None,
+    config: AttentionConfig | None = None,
 ) -> tuple[Array, Array, Array]:
-    """Projections to heads, rope on q and k: ``[B, T, N, H], [B, S, K, H], [B, S, K, V]``."""
+    """Projections to heads, qk-norm, rope on q and k: ``[B, T, N, H], [B, S, K, H],
+    [B, S, K, V]``."""
     xq, xk, xv = (jnp.asarray(x, dtype) for x in (inputs_q, inputs_k, inputs_v))
     q = ops.project_heads(xq, p["q_kernel"], p["q_bias"])  # [B, T, N, H]
     k = ops.project_heads(xk, p["k_kernel"], p["k_bias"])  # [B, S, K, H]
     v = ops.project_heads(xv, p["v_kernel"], p["v_bias"])  # [B, S, K, V]
+    if config is not None and config.qk_norm is not None:
+        q, k = _qk_norm(q, p["q_norm"], config), _qk_norm(k, p["k_norm"], config)
     if rope is not None:
         T, S = q.shape[1], k.shape[1]
         positions = jnp.arange(T) if positions is None else positions

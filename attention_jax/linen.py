@@ -163,11 +163,9 @@ class _Methods:
 
     def _params(self, config: AttentionConfig) -> dict[str, Array | None]:
         """The parameters by name (``PARAM_AXES`` order), shaped by ``config``; None if absent."""
-        kernel_init = self.kernel_init
-        kernel_init = modules.default_kernel_init() if kernel_init is None else kernel_init
         params: dict[str, Array | None] = dict.fromkeys(PARAM_AXES)
         for spec in config.params():
-            init = kernel_init if spec.is_kernel else self.bias_init
+            init = modules.param_initializer(spec, self.kernel_init, self.bias_init)
             params[spec.name] = self.param(
                 spec.name, nn.with_logical_partitioning(_nnx_init(spec.name, init), spec.axes),
                 spec.shape, config.param_dtype,

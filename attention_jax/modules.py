@@ -30,6 +30,7 @@ from attention_jax.config import (  # noqa: F401 (re-exported: modules' public n
     PARAM_AXES,
     AttentionConfig,
     ParamLayout,
+    ParamSpec,
 )
 from attention_jax.layer import (  # noqa: F401 (re-exported: modules' public names)
     add_output_bias,
@@ -66,10 +67,25 @@ def init_param_value(name: str, init: Initializer, rng: Array, shape: tuple[int,
     return init(rng, shape, dtype)
 
 
-def _param(name: str, init: Initializer, rng: Array, shape: tuple[int, ...], dtype) -> nnx.Param:
+ONES: Initializer = nnx.initializers.ones_init()
+
+
+def param_initializer(spec: ParamSpec, kernel_init: Initializer | None,
+                      bias_init: Initializer) -> Initializer:
+    """The initialiser of parameter ``spec``: kernels ``kernel_init`` (default
+    :func:`default_kernel_init`), biases ``bias_init``, q/k norm scales ones, sinks zeros.
+    Shared by the NNX module and :mod:`attention_jax.linen`."""
+    if spec.is_kernel:
+        return default_kernel_init() if kernel_init is None else kernel_init
+    if spec.name.endswith("_bias"):
+        return bias_init
+    return ONES if spec.name.endswith("_norm") else ZEROS
+
+
+def _param(spec: ParamSpec, init: Initializer, rng: Array, dtype) -> nnx.Param:
     """:func:`init_param_value` as an ``nnx.Param`` with its logical axis names."""
-    value = init_param_value(name, init, rng, shape, dtype)
-    return nnx.Param(value, out_sharding=PARAM_AXES[name].axes, eager_sharding=False)
+    value = init_param_value(spec.name, init, rng, spec.shape, dtype)
+    return nnx.Param(value, out_sharding=spec.axes, eager_sharding=False)
 
 
 def make_config(in_features: int, num_heads: int, owner: str = "MultiHeadAttention",
@@ -152,16 +168,14 @@ class MultiHeadAttention(nnx.Module):
     def _build(self, config: AttentionConfig, *, kernel_init, bias_init, rngs) -> None:
         self.config = config
         self.deterministic = config.deterministic
-        kinit = default_kernel_init() if kernel_init is None else kernel_init
         present = {p.name: p for p in config.params()}
         for name in PARAM_AXES:
             spec = present.get(name)
             if spec is None:
                 setattr(self, name, None)
                 continue
-            init = kinit if spec.is_kernel else bias_init
-            setattr(self, name, _param(name, init, rngs.params(), spec.shape,
-                                       config.param_dtype))
+            init = param_initializer(spec, kernel_init, bias_init)
+            setattr(self, name, _param(spec, init, rngs.params(), config.param_dtype))
         self.rngs = rngs.dropout.fork() if config.dropout_rate > 0.0 else None
 
     def __getattr__(self, name: str) -> Any:
@@ -201,7 +215,7 @@ class MultiHeadAttention(nnx.Module):
             self.deterministic = deterministic
 
     def param_values(self) -> dict[str, Array | None]:
-        """Parameter values by name (``PARAM_AXES`` order), None for absent biases."""
+        """Parameter values by name (``PARAM_AXES`` order), None for absent ones."""
         params = {name: getattr(self, name) for name in PARAM_AXES}
         return {name: None if p is None else p[...] for name, p in params.items()}
 

@@ -1,0 +1,135 @@
+"""The model-family options of AttentionConfig (qk-norm, soft-capping, sliding window,
+sinks) against a float64 numpy reference, through the NNX module, Linen and decode.
+
+Tolerance: float32 against float64, 2e-5 absolute (values are O(1)).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import attention_jax as aj
+from attention_jax import linen as ajl
+
+TOL = dict(atol=2e-5, rtol=2e-5)
+HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
+B, T, D, H = 2, 7, 16, 4
+
+
+def _rms(x, w, eps, axes):
+    return x / np.sqrt(np.mean(x * x, axis=axes, keepdims=True) + eps) * w
+
+
+def reference(m: aj.MultiHeadAttention, x, *, causal=True):
+    """float64: projections, qk-norm, scores, softcap, window, sinks, softmax, output."""
+    cfg = m.config
+    p = {n: None if v is None else np.asarray(v, np.float64) for n, v in m.param_values().items()}
+    x = np.asarray(x, np.float64)
+    q = np.einsum("btd,dnh->btnh", x, p["q_kernel"]) + p["q_bias"]
+    k = np.einsum("btd,dkh->btkh", x, p["k_kernel"]) + p["k_bias"]
+    v = np.einsum("btd,dkh->btkh", x, p["v_kernel"]) + p["v_bias"]
+    if cfg.qk_norm is not None:
+        axes = (-2, -1) if cfg.qk_norm == "full" else (-1,)
+        q, k = _rms(q, p["q_norm"], cfg.qk_norm_eps, axes), _rms(k, p["k_norm"], cfg.qk_norm_eps,
+                                                                  axes)
+    G = cfg.num_groups
+    k, v = np.repeat(k, G, axis=2), np.repeat(v, G, axis=2)
+    s = np.einsum("btnh,bsnh->bnts", q, k) * (cfg.scale or 1 / np.sqrt(cfg.head_dim))
+    if cfg.softcap is not None:
+        s = cfg.softcap * np.tanh(s / cfg.softcap)
+    t_idx, s_idx = np.arange(x.shape[1])[:, None], np.arange(x.shape[1])[None, :]
+    visible = np.ones_like(s, bool)
+    if causal:
+        visible &= s_idx <= t_idx
+    if cfg.sliding_window is not None:
+        visible &= s_idx > t_idx - cfg.sliding_window
+    s = np.where(visible, s, -np.inf)
+    sink = p["sinks"][None, :, None, None] if cfg.sinks else np.full((1, 1, 1, 1), -np.inf)
+    mx = np.maximum(s.max(-1, keepdims=True), sink)
+    e = np.exp(s - mx)
+    w = e / (e.sum(-1, keepdims=True) + np.exp(sink - mx))
+    out = np.einsum("bnts,bsnh->btnh", w, v)
+    return np.einsum("btnh,nhd->btd", out, p["o_kernel"]) + p["o_bias"]
+
+
+def _module(N, K, **options):
+    m = aj.MultiHeadAttention(D, N, num_kv_heads=K, head_dim=H, rngs=nnx.Rngs(0), **options)
+    rng = np.random.default_rng(3)
+    for spec in m.config.params():  # non-trivial biases, norm scales and sinks
+        if not spec.is_kernel:
+            getattr(m, spec.name)[...] = jnp.asarray(1.0 + 0.3 * rng.standard_normal(spec.shape),
+                                                     jnp.float32)
+    return m
+
+
+OPTIONS = {
+    "qk_norm_head": dict(qk_norm="head", qk_norm_eps=1e-5),
+    "qk_norm_full": dict(qk_norm="full"),
+    "softcap": dict(softcap=0.5),
+    "window": dict(sliding_window=3),
+    "sinks": dict(sinks=True),
+    "all": dict(qk_norm="head", softcap=2.0, sliding_window=2, sinks=True),
+}
+
+
+@pytest.mark.parametrize("heads", list(HEADS))
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_option_matches_reference(heads, option):
+    m = _module(*HEADS[heads], **OPTIONS[option])
+    x = jax.random.normal(jax.random.key(1), (B, T, D))
+    np.testing.assert_allclose(np.asarray(m(x, is_causal=True)), reference(m, x), **TOL)
+
+
+@pytest.mark.parametrize("option", ["qk_norm_full", "all"])
+def test_option_parameters_get_gradients_and_jit_matches(option):
+    m = _module(4, 2, **OPTIONS[option])
+    x = jax.random.normal(jax.random.key(2), (B, T, D))
+    y = nnx.jit(lambda mod, x: mod(x, is_causal=True))(m, x)
+    np.testing.assert_allclose(np.asarray(y), reference(m, x), **TOL)
+    grads = nnx.grad(lambda mod: jnp.sum(jnp.sin(mod(x, is_causal=True))))(m)
+    names = [s.name for s in m.config.params() if not s.is_kernel and "bias" not in s.name]
+    for name in names:
+        g = np.asarray(grads[name][...])
+        assert np.all(np.isfinite(g)) and np.abs(g).max() > 0, name
+
+
+def test_parameters_shapes_and_linen():
+    m = _module(4, 2, qk_norm="full", sinks=True)
+    assert (m.q_norm.shape, m.k_norm.shape, m.sinks.shape) == ((4, H), (2, H), (4,))
+    assert m.q_norm.get_metadata()["out_sharding"] == ("heads", "head_dim")
+    assert aj.MultiHeadAttention(D, 4, rngs=nnx.Rngs(0)).sinks is None
+    x = jax.random.normal(jax.random.key(4), (B, T, D))
+    attn = ajl.MultiHeadAttention(4, num_kv_heads=2, head_dim=H, qk_norm="head", sinks=True,
+                                  softcap=1.0, sliding_window=3)
+    variables = attn.init(jax.random.key(0), x)
+    assert {"q_norm", "k_norm", "sinks"} <= set(variables["params"])
+    nnx_m = ajl.to_nnx(attn, variables)
+    np.testing.assert_allclose(nnx_m(x, is_causal=True), attn.apply(variables, x, is_causal=True),
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("option", ["window", "qk_norm_head"])
+def test_decode_equals_the_full_forward(option):
+    m = _module(4, 2, rope=10_000.0, **OPTIONS[option])
+    x = jax.random.normal(jax.random.key(5), (B, T, D))
+    full = m(x, is_causal=True)
+    cache = m.init_cache(B, 16)
+    y0, cache = m.decode(x[:, :4], cache)
+    ys = [y0]
+    for i in range(4, T):
+        y, cache = m.decode(x[:, i:i + 1], cache)
+        ys.append(y)
+    np.testing.assert_allclose(np.concatenate(ys, axis=1), full, **TOL)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (dict(qk_norm="rms"), r"qk_norm must be one of \('head', 'full'\) or None; got 'rms'"),
+    (dict(softcap=0.0), r"softcap must be a finite number > 0; got 0.0"),
+    (dict(sliding_window=0), r"sliding_window must be >= 1; got 0"),
+    (dict(sinks=1), r"sinks must be a bool; got 1"),
+])
+def test_invalid_family_options(options, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        aj.AttentionConfig(16, 4, **options)
