@@ -508,6 +508,23 @@ _ARRAY_KEY = re.compile(r'Error reading "([^"/]+)/')
 _VALUE_SIZE = re.compile(r"is not valid for value of size (\d+)")
 
 
+_READ_ERRORS = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION",
+                "local file", "Encountered error while reading", "checksum", "Zstd")
+
+
+def _is_read_error(error: BaseException) -> bool:
+    """Whether a failed orbax restore failed on the step's files (not, e.g., out of memory)."""
+    e: BaseException | None = error
+    for _ in range(5):
+        if e is None:
+            return False
+        if isinstance(e, json.JSONDecodeError | UnicodeDecodeError | OSError) or any(
+                marker in str(e) for marker in _READ_ERRORS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _read_error(path: str | os.PathLike, step: int, error: BaseException) -> str:
     """What a failed orbax read says: the array, the file under the step, the reason."""
     messages = []
@@ -627,12 +644,16 @@ def restore(
                 restored = manager.restore(step, args=ocp.args.Composite(**{
                     STATE_ITEM: ocp.args.StandardRestore(read_target)}))[STATE_ITEM]
         except Exception as e:  # reported below, without orbax's chain
-            failure = _read_error(path, step, e)
+            failure, from_files = _read_error(path, step, e), _is_read_error(e)
         if failure is not None:  # the error is dropped: collect the reads it held, quietly
             time.sleep(0.05)  # callbacks of reads still in flight on tensorstore's threads
             gc.collect()
     if failure is not None:
-        raise _corrupt(path, step, failure + _changed_files(path, step, files)) from None
+        failure += _changed_files(path, step, files)
+        if from_files:
+            raise _corrupt(path, step, failure) from None
+        raise RuntimeError(f"checkpoint step {step} under {path} could not be restored: "
+                           f"{failure}") from None
 
     flat = _flat({k: v for k, v in restored.items() if k in tree})
     if verify:

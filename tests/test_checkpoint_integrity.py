@@ -414,8 +414,10 @@ _DAMAGE = {
     "data-truncated-no-manifest": (_largest_data_file, _without_manifest(_truncate),
                                    r"^cannot read model\.\w+ from {file} \(Exception: "
                                    r".*not valid for value of size"),
-    "btree-flipped": (_btree_file, _flip, r"^cannot read \S+ from {file} \(ValueError: .*"
-                                          r"CRC-32C.*\(changed since saved: {file}\)$"),
+    # (the node's bytes vary with orbax's uuid: a CRC-32C failure or another decoding error)
+    "btree-flipped": (_btree_file, _flip, r"^cannot read \S+ from {file} \(ValueError: "
+                                          r"Error decoding b-tree node: .+\) "
+                                          r"\(changed since saved: {file}\)$"),
     "metadata-truncated": (_METADATA, _truncate, r"^{file} is truncated or changed"),
     "metadata-garbage": (_METADATA, _same_size_garbage,
                          r"^{file} is not valid JSON \(UnicodeDecodeError"),
