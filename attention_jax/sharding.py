@@ -54,10 +54,12 @@ from attention_jax.hlo import collective_summary as collective_summary
 from attention_jax.hlo import collectives as collectives
 from attention_jax.hlo import group_axes as group_axes
 from attention_jax.parallel.heads import BACKENDS as BACKENDS
+from attention_jax.parallel.heads import CONTEXT_STRATEGIES as CONTEXT_STRATEGIES
 from attention_jax.parallel.heads import HeadParallelAttention as HeadParallelAttention
 from attention_jax.parallel.heads import head_parallel as head_parallel
 from attention_jax.parallel.heads_decode import cache_specs as cache_specs
 from attention_jax.parallel.heads_decode import shard_cache as shard_cache
+from attention_jax.parallel.mesh import CONTEXT as CONTEXT
 from attention_jax.parallel.mesh import DATA as DATA
 from attention_jax.parallel.mesh import MESH_AXES as MESH_AXES
 from attention_jax.parallel.mesh import MODEL as MODEL

@@ -40,13 +40,16 @@ from attention_jax import cache as kv_cache
 from attention_jax import layer, masks, modules
 from attention_jax.cache import KVCache
 from attention_jax.config import KV_HEADS, PARAM_AXES, AttentionConfig
-from attention_jax.parallel import heads_decode
+from attention_jax.parallel import context as cp
+from attention_jax.parallel import heads_decode, ring
 from attention_jax.parallel.mesh import (
+    CONTEXT,
     DATA,
     MODEL,
     KVLayout,
     axis_size,
     check_batch,
+    context_size,
     explicit_reshard,
     mask_spec,
     module_layout,
@@ -57,6 +60,43 @@ from attention_jax.parallel.mesh import (
 Array = jax.Array
 
 BACKENDS = ("shard_map", "pmap")
+CONTEXT_STRATEGIES = ("ring", "all_gather")
+
+
+def default_context_strategy(num_heads: int, num_kv_heads: int) -> str:
+    """The rule: ``"all_gather"`` for GQA / MQA (K < N: the gathered K/V are K/N the
+    size of the queries, as Llama 3 trained long context), ``"ring"`` for MHA (K = N:
+    gathering would hold the whole sequence's K/V on every device).
+
+    >>> default_context_strategy(8, 2), default_context_strategy(8, 8)
+    ('all_gather', 'ring')
+    """
+    return "all_gather" if num_kv_heads < num_heads else "ring"
+
+
+def context_attention(strategy: str, layout: str, q, k, v, mask=None, *, is_causal=False,
+                      scale=None, dropout_rate=0.0, dropout_rng=None, return_weights=False,
+                      implementation=None, score_mod=None, sinks=None, q_positions=None,
+                      kv_positions=None, head_offset=0):
+    """The ``attention_fn`` of :func:`attention_jax.layer.attention_layer` on a context
+    mesh: :func:`~attention_jax.parallel.ring.ring_attention` or
+    :func:`~attention_jax.parallel.context.all_gather_attention` over ``context``.
+
+    ``q_positions`` / ``kv_positions`` are the layout's global positions (the ring
+    recomputes them from the device index); ``implementation`` is ignored (the kernel
+    pieces are blockwise).
+    """
+    del implementation, q_positions, kv_positions, dropout_rng
+    if return_weights or dropout_rate:
+        raise ValueError("context parallelism returns no weights and has no dropout")
+    if mask is not None and not isinstance(mask, masks.Mask):
+        raise TypeError("context parallelism takes mask objects (attention_jax.masks), not "
+                        f"dense arrays; got {type(mask).__name__}")
+    if is_causal:
+        mask = masks.Causal() if mask is None else masks.Causal() & mask
+    fn = ring.ring_attention if strategy == "ring" else cp.all_gather_attention
+    return fn(q, k, v, axis_name=CONTEXT, mask=mask, score_mod=score_mod, sinks=sinks,
+              scale=scale, layout=layout, head_offset=head_offset)
 
 
 class Inputs(NamedTuple):
@@ -103,10 +143,17 @@ class _Plan:
     specs: tuple[tuple[str, P], ...]  # parameter name -> PartitionSpec
     is_causal: bool = False
     return_weights: bool = False
+    context: str | None = None  # "ring" / "all_gather" on a mesh with a context axis
+    context_layout: str = "contiguous"
 
     @property
     def model_size(self) -> int:
         return self.mesh.shape[MODEL]
+
+    @property
+    def seq_spec(self) -> str | None:
+        """The mesh axis of the sequence dims (None: every device holds all of it)."""
+        return None if self.context is None else CONTEXT
 
 
 def _local_forward(params, inputs: Inputs, mask, dropout_rng, positions, kv_positions, *,
@@ -138,11 +185,19 @@ def _local_forward(params, inputs: Inputs, mask, dropout_rng, positions, kv_posi
     if isinstance(mask, masks.Mask) or score_mod is not None:
         # per-head masks and score mods see this device's global head indices
         head_offset = jax.lax.axis_index(MODEL) * params["q_kernel"].shape[1]
+    attention_fn = None
+    if plan.context is not None:
+        # x: [B/data, T/context, D]; rope and masks see the layout's global positions
+        c, P_ = jax.lax.axis_index(CONTEXT), plan.mesh.shape[CONTEXT]
+        positions = cp.positions(c, P_, inputs.q.shape[1], plan.context_layout)
+        kv_in = inputs.q if inputs.k is None else inputs.k
+        kv_positions = cp.positions(c, P_, kv_in.shape[1], plan.context_layout)
+        attention_fn = functools.partial(context_attention, plan.context, plan.context_layout)
     out = layer.attention_layer(
         plan.config, params, inputs.q, inputs.k, inputs.v, mask=mask,
         is_causal=plan.is_causal, dropout_rng=dropout_rng, return_weights=plan.return_weights,
         positions=positions, kv_positions=kv_positions, reduce=psum_model,
-        score_mod=score_mod, head_offset=head_offset,
+        score_mod=score_mod, head_offset=head_offset, attention_fn=attention_fn,
     )
     return out if plan.return_weights else (out, None)
 
@@ -154,9 +209,11 @@ def _positions_spec(positions: Array | None) -> P | None:
     return P(DATA, None) if positions.ndim == 2 else P(None)
 
 
-def _mask_specs(mask, num_heads: int, batch: int):
+def _mask_specs(mask, num_heads: int, batch: int, seq_axis: str | None = None,
+                seq_lens: tuple[int, ...] = ()):
     """Specs of a dense mask (:func:`mask_spec`) or of a mask object's arrays: these are
-    per batch row (segment ids, lengths), so a leading dim of B goes over ``data``."""
+    per batch row (segment ids, lengths), so a leading dim of B goes over ``data``; with
+    ``seq_axis`` (context parallelism), a ``[B|1, T]`` array's token dim goes over it."""
     if mask is None:
         return None
     if not isinstance(mask, masks.Mask):
@@ -164,7 +221,9 @@ def _mask_specs(mask, num_heads: int, batch: int):
 
     def leaf_spec(x):
         rows = x.ndim > 0 and x.shape[0] == batch and batch > 1
-        return P(DATA if rows else None, *([None] * max(x.ndim - 1, 0)))
+        tokens = seq_axis if x.ndim == 2 and x.shape[1] in seq_lens else None
+        return P(DATA if rows else None, *([tokens] if x.ndim == 2 else
+                                           [None] * max(x.ndim - 1, 0)))
 
     return jax.tree.map(leaf_spec, mask)
 
@@ -174,9 +233,11 @@ def _shard_map_impl(params, inputs, mask, rng, positions, kv_positions, *, plan:
     """``jax.shard_map`` of :func:`_local_forward` over the plan's mesh."""
     mesh = plan.mesh
     p_specs = {n: None if p is None else dict(plan.specs)[n] for n, p in params.items()}
-    x_spec = P(DATA, None, None)  # x: [B/data, T, D] on every model shard
+    x_spec = P(DATA, plan.seq_spec, None)  # x: [B/data, T | T/context, D] on every model shard
     i_specs = jax.tree.map(lambda _: x_spec, inputs)
-    m_spec = _mask_specs(mask, plan.config.num_heads, inputs.q.shape[0])
+    seq_lens = tuple({x.shape[1] for x in jax.tree.leaves(inputs)})
+    m_spec = _mask_specs(mask, plan.config.num_heads, inputs.q.shape[0], plan.seq_spec,
+                         seq_lens)
     w_spec = P(DATA, MODEL, None, None)  # weights: [B/data, N/model, T, S]
     pos_specs = (_positions_spec(positions), _positions_spec(kv_positions))
     body = functools.partial(_local_forward, plan=plan, data_axis=DATA, vma=True,
@@ -288,13 +349,16 @@ class HeadParallelAttention(nnx.Module):
     """
 
     def __init__(self, module: modules.MultiHeadAttention, mesh: Mesh, *,
-                 backend: str = "shard_map"):
+                 backend: str = "shard_map", context_strategy: str | None = None,
+                 context_layout: str = "contiguous"):
         if not isinstance(module, modules.MultiHeadAttention):
             raise TypeError(f"expected a MultiHeadAttention; got {type(module).__name__}")
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
         axis_size(mesh, DATA)
         self.layout = module_layout(module, mesh)
+        self.context_strategy, self.context_layout = _context_options(
+            module, mesh, backend, context_strategy, context_layout)
         self.mesh = mesh
         self.backend = backend
         self.module = shard_params(module, mesh)
@@ -339,17 +403,22 @@ class HeadParallelAttention(nnx.Module):
         if score_mod is not None and self.backend != "shard_map":
             raise ValueError(f"score_mod needs backend='shard_map'; this module has "
                              f"backend={self.backend!r}")
+        dropout_key = module.dropout_key(deterministic)
+        if self.context_strategy is not None:
+            _check_context_call(self.mesh, self.context_layout, T, S, mask, return_weights,
+                                positions, kv_positions, dropout_key)
         plan = _Plan(
             backend=self.backend, mesh=self.mesh, layout=self.layout, config=module.config,
             specs=tuple(param_specs(module, self.mesh).items()), is_causal=bool(is_causal),
-            return_weights=bool(return_weights),
+            return_weights=bool(return_weights), context=self.context_strategy,
+            context_layout=self.context_layout,
         )
         run = _RUNS[self.backend]
         if score_mod is not None:
             run = functools.partial(_shard_map_impl, score_mod=score_mod)
         y, w = run(
             module.param_values(), Inputs(inputs_q, inputs_k, inputs_v), mask,
-            module.dropout_key(deterministic), positions, kv_positions, plan=plan,
+            dropout_key, positions, kv_positions, plan=plan,
         )
         return (y, w) if return_weights else y
 
@@ -423,16 +492,68 @@ def mask_4d(mask: Array, shape: tuple[int, int, int, int]) -> Array:
     return mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
 
 
+def _context_options(module, mesh: Mesh, backend: str, strategy: str | None,
+                     layout: str) -> tuple[str | None, str]:
+    """``(strategy, layout)`` on a mesh with a ``context`` axis; ``(None, layout)`` without."""
+    if CONTEXT not in mesh.shape:
+        if strategy is not None:
+            raise ValueError(f"context_strategy={strategy!r} needs a mesh with a 'context' "
+                             f"axis (make_mesh(..., context=n)); mesh axes: {tuple(mesh.shape)}")
+        return None, layout
+    if backend != "shard_map":
+        raise ValueError(f"a context axis needs backend='shard_map'; got backend={backend!r}")
+    cfg = module.config
+    strategy = default_context_strategy(cfg.num_heads, cfg.num_kv_heads) if strategy is None \
+        else strategy
+    if strategy not in CONTEXT_STRATEGIES:
+        raise ValueError(f"context_strategy must be one of {CONTEXT_STRATEGIES}; got {strategy!r}")
+    cp.check_layout(layout, 2)
+    return strategy, layout
+
+
+def _check_context_call(mesh: Mesh, layout: str, T: int, S: int, mask, return_weights,
+                        positions, kv_positions, dropout_key) -> None:
+    """The call options a context-parallel module refuses, with the numbers."""
+    c = context_size(mesh)
+    for name, n in (("query length T", T), ("key length S", S)):
+        if n % c:
+            raise ValueError(f"{name}={n} is not divisible by the context axis size {c}")
+        cp.check_layout(layout, n // c, f"{name} / context ({n} / {c})")
+    if mask is not None and not isinstance(mask, masks.Mask):
+        raise TypeError("on a context mesh, masks are mask objects (attention_jax.masks: "
+                        "Causal, SlidingWindow, Segments, Lengths, ...), not dense arrays")
+    if return_weights:
+        raise ValueError("return_weights=True is not available on a context mesh")
+    if positions is not None or kv_positions is not None:
+        raise ValueError("positions / kv_positions are set by the context layout (the global "
+                         "positions of each device's tokens); pass none on a context mesh")
+    if dropout_key is not None:
+        raise ValueError("attention dropout is not available on a context mesh; call with "
+                         "deterministic=True or dropout_rate=0")
+
+
 def head_parallel(
-    module: modules.MultiHeadAttention, mesh: Mesh, *, backend: str = "shard_map"
+    module: modules.MultiHeadAttention, mesh: Mesh, *, backend: str = "shard_map",
+    context_strategy: str | None = None, context_layout: str = "contiguous",
 ) -> HeadParallelAttention:
     """Splits ``module``'s heads over ``mesh``'s ``model`` axis (its Params move in place).
 
+    On a mesh with a ``context`` axis (``make_mesh(data, model, context=c)``) the
+    sequence is split too: activations are ``[B/data, T/context, D]`` and the layer's
+    attention op is :func:`context_attention` (ring or all-gather over ``context``);
+    parameters are replicated over ``context``, and the ``model`` psum is unchanged.
+
     Args:
       module: the attention module; its Params are placed on ``mesh``.
-      mesh: a ``('data', 'model')`` mesh (:func:`make_mesh`), Explicit or Auto.
+      mesh: a ``('data', 'model')`` or ``('data', 'model', 'context')`` mesh
+        (:func:`make_mesh`), Explicit or Auto.
       backend: ``"shard_map"`` (data and model axes) or ``"pmap"`` (the same
-        local computation through ``jax.pmap``; needs ``data == 1``).
+        local computation through ``jax.pmap``; needs ``data == 1`` and no context).
+      context_strategy: ``"ring"`` or ``"all_gather"``; default
+        :func:`default_context_strategy` (all-gather for GQA / MQA, ring for MHA).
+      context_layout: ``"contiguous"`` (device i holds tokens ``[i*T/c, (i+1)*T/c)``)
+        or ``"zigzag"``: the inputs (and outputs) are in zigzag order, as
+        :func:`attention_jax.parallel.context.to_layout` gives (causal balance).
 
     Returns:
       A :class:`HeadParallelAttention` with the ``__call__`` of the module.
@@ -449,4 +570,6 @@ def head_parallel(
     >>> hp(jnp.ones((2, 3, 16)), is_causal=True).shape
     (2, 3, 16)
     """
-    return HeadParallelAttention(module, mesh, backend=backend)
+    return HeadParallelAttention(module, mesh, backend=backend,
+                                 context_strategy=context_strategy,
+                                 context_layout=context_layout)

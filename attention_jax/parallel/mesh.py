@@ -26,50 +26,68 @@ from attention_jax.config import EMBED, HEAD_DIM, HEADS, KV_HEADS
 
 Array = jax.Array
 
-DATA, MODEL = "data", "model"
+DATA, MODEL, CONTEXT = "data", "model", "context"
 MESH_AXES = (DATA, MODEL)
+CONTEXT_MESH_AXES = (DATA, MODEL, CONTEXT)
 
 
 def make_mesh(
     data: int = 1,
     model: int | None = None,
+    context: int | None = None,
     *,
     devices: Sequence[jax.Device] | None = None,
     axis_types: AxisType | Sequence[AxisType] | None = None,
 ) -> Mesh:
-    """A ``(data, model)`` mesh over ``devices``.
+    """A ``(data, model)`` mesh over ``devices``, or ``(data, model, context)`` when
+    ``context`` is given.
 
     Args:
       data: size of the ``data`` axis (batch parallelism).
       model: size of the ``model`` axis (head parallelism); default
-        ``len(devices) // data``.
+        ``len(devices) // (data * context)``.
+      context: size of the ``context`` axis (the sequence split over devices,
+        :mod:`attention_jax.parallel.context`); None (default): no such axis.
       devices: default ``jax.devices()``; all of them are used.
-      axis_types: one :class:`jax.sharding.AxisType` for both axes, or one per
+      axis_types: one :class:`jax.sharding.AxisType` for every axis, or one per
         axis; default that of ``jax.make_mesh`` (``Explicit`` on jax 0.10).
 
     Raises:
-      ValueError: naming the numbers when ``data * model`` is not the device count.
+      ValueError: naming the numbers when the axis sizes do not multiply to the
+        device count.
 
     >>> mesh = make_mesh(1, devices=jax.devices()[:1])
     >>> dict(mesh.shape)
     {'data': 1, 'model': 1}
+    >>> dict(make_mesh(1, 1, context=1, devices=jax.devices()[:1]).shape)
+    {'data': 1, 'model': 1, 'context': 1}
     """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
-    if data < 1 or (model is not None and model < 1):
-        raise ValueError(f"mesh axis sizes must be >= 1; got data={data}, model={model}")
+    c = 1 if context is None else context
+    if data < 1 or (model is not None and model < 1) or c < 1:
+        raise ValueError(f"mesh axis sizes must be >= 1; got data={data}, model={model}, "
+                         f"context={context}")
     if model is None:
-        if n % data:
-            raise ValueError(f"data={data} does not divide the number of devices ({n})")
-        model = n // data
-    if data * model != n:
-        raise ValueError(
-            f"data * model = {data} * {model} = {data * model} != number of devices ({n})"
-        )
+        if n % (data * c):
+            what = f"data={data}" if context is None else f"data * context = {data} * {c}"
+            raise ValueError(f"{what} does not divide the number of devices ({n})")
+        model = n // (data * c)
+    if data * model * c != n:
+        what = "data * model" if context is None else "data * model * context"
+        sizes = f"{data} * {model}" if context is None else f"{data} * {model} * {c}"
+        raise ValueError(f"{what} = {sizes} = {data * model * c} != number of devices ({n})")
+    shape, names = ((data, model), MESH_AXES) if context is None else (
+        (data, model, c), CONTEXT_MESH_AXES)
     if isinstance(axis_types, AxisType):
-        axis_types = (axis_types, axis_types)
+        axis_types = (axis_types,) * len(shape)
     axis_types = None if axis_types is None else tuple(axis_types)
-    return jax.make_mesh((data, model), MESH_AXES, axis_types=axis_types, devices=devices)
+    return jax.make_mesh(shape, names, axis_types=axis_types, devices=devices)
+
+
+def context_size(mesh: Mesh) -> int:
+    """Size of ``mesh``'s ``context`` axis; 1 when it has none."""
+    return mesh.shape.get(CONTEXT, 1)
 
 
 def axis_size(mesh: Mesh, axis: str) -> int:
