@@ -136,11 +136,9 @@ def test_global_lengths_and_sinks(strategy):
     _check_case(strategy, "zigzag", "gqa", "lengths", sinks=jnp.array([0.5, -1.0, 0.0, 2.0]))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "kernels.blockwise._convert_score_mod traces score_mod with unvarying example avals, "
-    "so under shard_map with positions that vary over the axis its pvary fails"))
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_score_mod_at_global_positions(strategy):
+    """A distance penalty |t - s| is only right if t, s are the tokens' global positions."""
     def score_mod(s, b, n, t, kv):
         return s - 0.05 * jnp.abs(t - kv).astype(jnp.float32)
 
