@@ -308,11 +308,14 @@ def gated_inference(attn: variants.HeadGatedAttention, x, reps: int) -> dict:
     full = jax.jit(lambda p, x, g: fwd(p, x, x, x, g))
     some = jax.jit(lambda p, x, g: fwd(p, x, x, x, g, selection=selection))
     err = float(jnp.max(jnp.abs(full(params, x, gates) - some(params, x, gates))))
+    times = {"all": [], "active": []}
+    for _ in range(reps):  # interleaved, so that load changes hit both alike
+        for key, fn in (("all", full), ("active", some)):
+            times[key].append(median_ms(fn, params, x, gates, reps=1))
     computed = sum(len(r) for r in selection[1])
     return dict(active_fraction=float(active.mean()), heads_computed=computed,
-                forward_all_ms=median_ms(full, params, x, gates, reps=reps),
-                forward_active_ms=median_ms(some, params, x, gates, reps=reps),
-                max_abs_diff=err)
+                forward_all_ms=float(np.median(times["all"])),
+                forward_active_ms=float(np.median(times["active"])), max_abs_diff=err)
 
 
 # ---------------------------------------------------------------------------

@@ -161,5 +161,7 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"dropout_rate=0\.1"):
         variants.LinearAttention(16, 4, dropout_rate=0.1, rngs=nnx.Rngs(0))
     m = _module("gqa")
+    with pytest.raises(ValueError, match="takes no mask"):
+        m(jnp.ones((B, 3, 16)), mask=jnp.ones((3, 3), bool))
     with pytest.raises(ValueError, match="init_state"):
         m.decode(jnp.ones((B, 1, 16)), lin.init_state(B, 4, 4, 4))

@@ -101,6 +101,8 @@ def test_errors_name_the_problem():
     m = variants.LinformerAttention(16, 4, max_length=L, projected_length=P, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="non-causal"):
         m(jnp.ones((1, 3, 16)), is_causal=True)
+    with pytest.raises(ValueError, match="takes no mask"):
+        m(jnp.ones((1, 3, 16)), mask=jnp.ones((3, 3), bool))
     with pytest.raises(ValueError, match="key length 13 > max_length 12"):
         m(jnp.ones((1, 13, 16)))
     with pytest.raises(ValueError, match="projected_length"):

@@ -163,14 +163,16 @@ class HeadGatedAttention(MultiHeadAttention):
 
     def __call__(self, inputs_q: Array, inputs_k: Array | None = None,
                  inputs_v: Array | None = None, *, mask: Array | None = None,
-                 is_causal: bool = False, gates: Array | None = None, **unused) -> Array:
+                 is_causal: bool = False, deterministic: bool | None = None,
+                 return_weights: bool = False, gates: Array | None = None) -> Array:
         """``[B, T, D]`` -> ``[B, T, Do]``.
 
         Args:
           gates: ``[B, N]`` gates to use instead of :meth:`head_gates` (before
             thresholding when ``hard``).
         """
-        if unused.get("return_weights"):
+        del deterministic  # no dropout: accepted for MultiHeadAttention's signature
+        if return_weights:
             raise ValueError("HeadGatedAttention returns no weights")
         inputs_q, inputs_k, inputs_v = self.resolve_inputs(inputs_q, inputs_k, inputs_v)
         g = self.head_gates(inputs_q) if gates is None else gates

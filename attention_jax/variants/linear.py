@@ -204,13 +204,16 @@ class LinearAttention(MultiHeadAttention):
         self.chunk_size = chunk_size
 
     def __call__(self, inputs_q: Array, inputs_k: Array | None = None,
-                 inputs_v: Array | None = None, *, is_causal: bool = False, **unused) -> Array:
+                 inputs_v: Array | None = None, *, mask: Array | None = None,
+                 is_causal: bool = False, deterministic: bool | None = None,
+                 return_weights: bool = False) -> Array:
         """``[B, T, D]`` (keys/values ``[B, S, Dk|Dv]``) -> ``[B, T, Do]``.
 
         Raises:
           ValueError: for a mask or ``return_weights`` (there are no ``[T, S]`` weights).
         """
-        if unused.get("mask") is not None or unused.get("return_weights"):
+        del deterministic  # no dropout: accepted for MultiHeadAttention's signature
+        if mask is not None or return_weights:
             raise ValueError("LinearAttention takes no mask and returns no [T, S] weights")
         inputs_q, inputs_k, inputs_v = self.resolve_inputs(inputs_q, inputs_k, inputs_v)
         p, _ = common.cast_params(self.param_values(), inputs_q, inputs_k, inputs_v,

@@ -109,7 +109,9 @@ class LinformerAttention(MultiHeadAttention):
             init(rngs.params(), shape, self.param_dtype))
 
     def __call__(self, inputs_q: Array, inputs_k: Array | None = None,
-                 inputs_v: Array | None = None, *, is_causal: bool = False, **unused) -> Array:
+                 inputs_v: Array | None = None, *, mask: Array | None = None,
+                 is_causal: bool = False, deterministic: bool | None = None,
+                 return_weights: bool = False) -> Array:
         """``[B, T, D]`` (keys/values ``[B, S, Dk|Dv]``, S <= max_length) -> ``[B, T, Do]``.
 
         Raises:
@@ -119,7 +121,8 @@ class LinformerAttention(MultiHeadAttention):
             raise ValueError("LinformerAttention is non-causal: every projected key mixes all "
                              "positions, the future included (see attention_jax.variants."
                              "linformer); use LinearAttention for causal linear-cost attention")
-        if unused.get("mask") is not None or unused.get("return_weights"):
+        del deterministic  # no dropout: accepted for MultiHeadAttention's signature
+        if mask is not None or return_weights:
             raise ValueError("LinformerAttention takes no mask and returns no [T, S] weights")
         inputs_q, inputs_k, inputs_v = self.resolve_inputs(inputs_q, inputs_k, inputs_v)
         S = inputs_k.shape[1]
