@@ -485,7 +485,7 @@ def select_kv_heads(cache: KVCache, first: Array | int, count: int) -> KVCache:
 
 
 def check_step_inputs(q: Array, k_new: Array, v_new: Array, cache: KVCache,
-                      mask: Array | None) -> None:
+                      mask: Array | None, kv_heads: tuple[Array | int, int] | None = None) -> None:
     """Trace-time checks of a step: ranks, dtypes, head counts and the mask.
 
     Raises:
@@ -498,6 +498,8 @@ def check_step_inputs(q: Array, k_new: Array, v_new: Array, cache: KVCache,
         raise ValueError(f"q must be [B, t, N, H]; got shape {tuple(q.shape)}")
     B, t, N, H = q.shape
     K = k_new.shape[2] if k_new.ndim == 4 else None
+    if kv_heads is not None:
+        K = kv_heads[1]  # the queries attend with these kv heads only
     if k_new.ndim != 4 or v_new.ndim != 4 or N % K or k_new.shape[-1] != H:
         raise ValueError(
             f"new keys {tuple(k_new.shape)} / values {tuple(v_new.shape)} do not fit q "
@@ -573,7 +575,7 @@ def cached_attention(
     """
     from attention_jax.kernels import decode
 
-    check_step_inputs(q, k_new, v_new, cache, mask)
+    check_step_inputs(q, k_new, v_new, cache, mask, kv_heads)
     B, t = q.shape[:2]
     new_cache = update(cache, k_new, v_new, valid_lengths)
     valid = new_cache.lengths - cache.lengths + (new_cache.dropped - cache.dropped)  # clipped
