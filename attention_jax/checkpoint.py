@@ -51,8 +51,8 @@ a file unreadable by orbax        restore, while reading      CorruptCheckpointE
 (damaged b-tree node, ...)                                    array, the file and the reason;
                                                               orbax's asyncio noise swallowed
 bytes of an array changed (the    restore, after reading,     CorruptCheckpointError:
-reader cannot tell: zstd chunks   before the model changes    ``model.o_kernel checksum mismatch
-carry no checksum)                                            (changed since saved: FILE)``
+reader cannot tell: zstd chunks   before the model changes    ``model.o_kernel checksum mismatch``
+carry no checksum)                                            (changed since saved: FILE)
 ================================  ==========================  ==================================
 
 A failed :func:`restore` leaves ``model`` and ``optimizer`` untouched. A step

@@ -136,10 +136,10 @@ EXPERIMENTS = {
     ),
     "variants": Experiment(
         module=None, script="variants_study.py", devices=1, dtype_default="float32",
-        summary="the variants study (experiments/variants_study.py; a source checkout)",
+        summary="what each cheaper attention variant buys, side by side (a source checkout)",
         description=(
-            "Runs the study of attention variants in experiments/variants_study.py, which only "
-            "a source checkout has."),
+            "Runs the study of attention variants in experiments/variants_study.py (study "
+            "code, not part of the installed package: it needs a source checkout)."),
     ),
 }
 

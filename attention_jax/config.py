@@ -12,21 +12,21 @@ The config owns the derived sizes and the parameter table::
     Dk in_k_features      H  head_dim         G  = N // K (num_groups)
     Dv in_v_features      V  v_head_dim       Do out_features
 
-==========  ===================  =============================================
-parameter   shape                logical axes
-==========  ===================  =============================================
-q_kernel    ``[D, N, H]``        ``('embed', 'heads', 'head_dim')``
-k_kernel    ``[Dk, K, H]``       ``('embed', 'kv_heads', 'head_dim')``
-v_kernel    ``[Dv, K, V]``       ``('embed', 'kv_heads', 'head_dim')``
-o_kernel    ``[N, V, Do]``       ``('heads', 'head_dim', 'embed')``
-q_bias      ``[N, H]``           ``('heads', 'head_dim')``
-k_bias      ``[K, H]``           ``('kv_heads', 'head_dim')``
-v_bias      ``[K, V]``           ``('kv_heads', 'head_dim')``
-o_bias      ``[Do]``             ``('embed',)``
+==========  =====================  =============================================
+parameter   shape                  logical axes
+==========  =====================  =============================================
+q_kernel    ``[D, N, H]``          ``('embed', 'heads', 'head_dim')``
+k_kernel    ``[Dk, K, H]``         ``('embed', 'kv_heads', 'head_dim')``
+v_kernel    ``[Dv, K, V]``         ``('embed', 'kv_heads', 'head_dim')``
+o_kernel    ``[N, V, Do]``         ``('heads', 'head_dim', 'embed')``
+q_bias      ``[N, H]``             ``('heads', 'head_dim')``
+k_bias      ``[K, H]``             ``('kv_heads', 'head_dim')``
+v_bias      ``[K, V]``             ``('kv_heads', 'head_dim')``
+o_bias      ``[Do]``               ``('embed',)``
 q_norm      ``[H]`` or ``[N, H]``  ``('head_dim',)`` / ``('heads', 'head_dim')``
 k_norm      ``[H]`` or ``[K, H]``  ``('head_dim',)`` / ``('kv_heads', 'head_dim')``
-sinks       ``[N]``              ``('heads',)``
-==========  ===================  =============================================
+sinks       ``[N]``                ``('heads',)``
+==========  =====================  =============================================
 
 (biases, norms and sinks only when the configuration has them).
 

@@ -211,8 +211,8 @@ def to_linear_weights(
     """The inverse of :func:`load_linear_weights`: numpy arrays in Linear layout.
 
     Returns:
-      ``{"q": (w [N*H, D], b [N*H]), "k": (w [K*H, Dk], b [K*H]),
-      "v": (w [K*V, Dv], b [K*V]), "o": (w [Do, N*V], b [Do])}``, biases ``None``
+      ``{"q": (w [N*H, D], b [N*H]), "k": (w [K*H, Dk], b [K*H]), ...}`` and
+      ``"v": (w [K*V, Dv], b [K*V]), "o": (w [Do, N*V], b [Do])``, biases ``None``
       when the module has none; ``load_linear_weights(m, **to_linear_weights(m2))``
       copies ``m2`` into ``m``.
     """

@@ -9,7 +9,7 @@ summed before the bias is added, once.
 
 Head counts come from the kernels' shapes, not from the config, so a caller
 holding a slice of the heads (``q_kernel[:, heads_here]`` ...) passes it as is;
-the config supplies the options (scale, rope, backend, dtype, dropout rate).
+the config supplies the options (scale, rope, backend, dtype, dropout rate)::
 
     x_q [B, T, D] --q_kernel--> q [B, T, N, H] --rope--\\
     x_k [B, S, Dk] --k_kernel--> k [B, S, K, H] --rope---> attention [B, T, N, V]
