@@ -73,12 +73,17 @@ PARAM_AXES: dict[str, ParamLayout] = {
     "k_bias": ParamLayout((KV_HEADS, HEAD_DIM), 0),
     "v_bias": ParamLayout((KV_HEADS, HEAD_DIM), 0),
     "o_bias": ParamLayout((EMBED,), 0),
-    # qk_norm="head": one [H] scale shared by the heads; "full": [N, H] / [K, H]
-    # (config.params() gives each configuration's own axes).
+}
+# The model-family parameters, present only when a configuration asks for them.
+# qk_norm="head": one [H] scale shared by the heads; "full": [N, H] / [K, H]
+# (config.params() gives each configuration's own axes).
+FAMILY_PARAM_AXES: dict[str, ParamLayout] = {
     "q_norm": ParamLayout((HEAD_DIM,), 0),
     "k_norm": ParamLayout((HEAD_DIM,), 0),
     "sinks": ParamLayout((HEADS,), 0),
 }
+#: Every parameter name the layer can have: the projections, then the family ones.
+ALL_PARAM_AXES: dict[str, ParamLayout] = {**PARAM_AXES, **FAMILY_PARAM_AXES}
 QK_NORMS = ("head", "full")
 
 
@@ -306,16 +311,16 @@ class AttentionConfig:
             return self.qk_norm is not None
         if name == "sinks":
             return self.sinks
-        return name in PARAM_AXES
+        return name in ALL_PARAM_AXES
 
     def params(self) -> tuple[ParamSpec, ...]:
-        """The parameters this configuration has, in :data:`PARAM_AXES` order."""
+        """The parameters this configuration has, in :data:`ALL_PARAM_AXES` order."""
         shapes = self.param_shapes()
         specs = []
-        for name in PARAM_AXES:
+        for name in ALL_PARAM_AXES:
             if not self.has_param(name):
                 continue
-            axes, fan_in = PARAM_AXES[name]
+            axes, fan_in = ALL_PARAM_AXES[name]
             if name.endswith("_norm") and self.qk_norm == "full":
                 axes = (HEADS if name == "q_norm" else KV_HEADS, HEAD_DIM)
             specs.append(ParamSpec(name, shapes[name], axes, fan_in))

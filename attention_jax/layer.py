@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from attention_jax import cache as kv_cache
 from attention_jax import masks, ops, scores
 from attention_jax import rope as rope_lib
-from attention_jax.config import PARAM_AXES, AttentionConfig
+from attention_jax.config import ALL_PARAM_AXES, AttentionConfig
 
 Array = jax.Array
 Params = dict[str, Array | None]
@@ -284,7 +284,7 @@ def _with_window(config: AttentionConfig, mask, T: int, S: int, positions, kv_po
 
 def _cast_params(params: Params, *inputs: Array, dtype: Any) -> tuple[Params, Any]:
     """Parameters in the computation dtype (default: promoted from inputs and params)."""
-    params = {n: params.get(n) for n in PARAM_AXES}
+    params = {n: params.get(n) for n in ALL_PARAM_AXES}
     arrays = [*inputs, *(p for p in params.values() if p is not None)]
     dtype = jnp.result_type(*arrays) if dtype is None else dtype
     return {n: None if a is None else jnp.asarray(a, dtype) for n, a in params.items()}, dtype

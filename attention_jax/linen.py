@@ -72,7 +72,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attention_jax import layer, modules
-from attention_jax.config import CONFIG_FIELDS, PARAM_AXES, AttentionConfig
+from attention_jax.config import ALL_PARAM_AXES, CONFIG_FIELDS, AttentionConfig
 from attention_jax.modules import Initializer
 
 Array = jax.Array
@@ -163,7 +163,7 @@ class _Methods:
 
     def _params(self, config: AttentionConfig) -> dict[str, Array | None]:
         """The parameters by name (``PARAM_AXES`` order), shaped by ``config``; None if absent."""
-        params: dict[str, Array | None] = dict.fromkeys(PARAM_AXES)
+        params: dict[str, Array | None] = dict.fromkeys(ALL_PARAM_AXES)
         for spec in config.params():
             init = modules.param_initializer(spec, self.kernel_init, self.bias_init)
             params[spec.name] = self.param(
@@ -343,5 +343,5 @@ def from_nnx(
     options = {n: getattr(m.config, n) for n in CONFIG_ATTRIBUTES}
     options["deterministic"] = m.deterministic  # the module's current setting
     linen_module = MultiHeadAttention(**options)
-    params = {n: getattr(m, n)[...] for n in PARAM_AXES if getattr(m, n) is not None}
+    params = {n: getattr(m, n)[...] for n in ALL_PARAM_AXES if getattr(m, n) is not None}
     return linen_module, {"params": params}

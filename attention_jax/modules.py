@@ -22,8 +22,10 @@ from flax import nnx
 from attention_jax import cache as kv_cache
 from attention_jax import layer
 from attention_jax.config import (  # noqa: F401 (re-exported: modules' public names)
+    ALL_PARAM_AXES,
     CONFIG_FIELDS,
     EMBED,
+    FAMILY_PARAM_AXES,
     HEAD_DIM,
     HEADS,
     KV_HEADS,
@@ -60,7 +62,7 @@ def init_param_value(name: str, init: Initializer, rng: Array, shape: tuple[int,
     initialisers see ``D``, not ``D`` and ``N`` apart); biases as they are.
     Shared by the NNX module and :mod:`attention_jax.linen`.
     """
-    n_in = PARAM_AXES[name].fan_in_axes
+    n_in = ALL_PARAM_AXES[name].fan_in_axes
     if n_in:
         flat = (math.prod(shape[:n_in]), math.prod(shape[n_in:]))
         return init(rng, flat, dtype).reshape(shape)
@@ -169,7 +171,7 @@ class MultiHeadAttention(nnx.Module):
         self.config = config
         self.deterministic = config.deterministic
         present = {p.name: p for p in config.params()}
-        for name in PARAM_AXES:
+        for name in ALL_PARAM_AXES:
             spec = present.get(name)
             if spec is None:
                 setattr(self, name, None)
@@ -216,7 +218,7 @@ class MultiHeadAttention(nnx.Module):
 
     def param_values(self) -> dict[str, Array | None]:
         """Parameter values by name (``PARAM_AXES`` order), None for absent ones."""
-        params = {name: getattr(self, name) for name in PARAM_AXES}
+        params = {name: getattr(self, name) for name in ALL_PARAM_AXES}
         return {name: None if p is None else p[...] for name, p in params.items()}
 
     def dropout_key(self, deterministic: bool | None = None) -> Array | None:

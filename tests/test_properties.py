@@ -89,6 +89,11 @@ BAD_VALUES = {
     "use_bias": [1, "yes"],
     "rope": [-1.0, "theta"],
     "param_dtype": ["float33"],
+    "qk_norm": ["rms", True],
+    "qk_norm_eps": [0.0, -1e-6],
+    "softcap": [0.0, -2.0],
+    "sliding_window": [0, 2.5],
+    "sinks": [1, "yes"],
 }
 
 

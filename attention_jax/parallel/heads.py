@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 from attention_jax import cache as kv_cache
 from attention_jax import layer, masks, modules
 from attention_jax.cache import KVCache
-from attention_jax.config import KV_HEADS, PARAM_AXES, AttentionConfig
+from attention_jax.config import ALL_PARAM_AXES, KV_HEADS, AttentionConfig
 from attention_jax.parallel import context as cp
 from attention_jax.parallel import heads_decode, ring
 from attention_jax.parallel.mesh import (
@@ -110,7 +110,7 @@ class Inputs(NamedTuple):
 
 def kv_axis(name: str) -> int | None:
     """Position of the ``kv_heads`` axis in a parameter, None if it has none."""
-    axes = PARAM_AXES[name].axes
+    axes = ALL_PARAM_AXES[name].axes
     return axes.index(KV_HEADS) if KV_HEADS in axes else None
 
 
