@@ -118,7 +118,7 @@ for name, kv_heads in (("MHA (K=16)", 16), ("GQA (K=4)", 4), ("MQA (K=1)", 1)):
     sizes = [m.init_cache(1, 1, dtype).bytes_per_token
              for dtype in (jnp.float32, jnp.bfloat16, jnp.int8)]
     print(f"{name:>11} " + " ".join(f"{s:>9,}" for s in sizes))
-    assert sizes[2] == kv_heads * (2 * BIG_H + 4)  # K (H + V) int8 + 2 K bf16 scales
+    assert sizes[2] == kv_heads * (2 * BIG_H + 8)  # K (H + V) int8 + 2 K float32 scales
 
 # %% [markdown]
 # What does rounding to 8 bits cost? We decode the same 12 tokens through an int8

@@ -90,6 +90,14 @@ EXPECTED: dict[str, tuple[tuple[str, ...], int]] = {
         ),
         2,
     ),
+    "05_attention_variants": (
+        (
+            "linear attention: chunked parallel vs token-by-token recurrence",
+            "Linformer, identity projections vs dense attention",
+            "gated, all gates on vs MultiHeadAttention",
+        ),
+        1,
+    ),
 }
 NOTEBOOKS = tuple(EXPECTED)
 
