@@ -405,3 +405,4 @@ def to_torch(module: MultiHeadAttention, *, batch_first: bool = True):
             mha.out_proj.bias.copy_(bo)  # [E]
     mha.train(module.deterministic is not True)
     return mha
+from attention_jax.hf_layers import from_hf, to_hf  # noqa: E402, F401 (re-exported)

@@ -14,85 +14,13 @@ import pytest
 
 from attention_jax import hf, rope
 from attention_jax.rope import Rope
+from tests.helpers import hf_configs as _configs
 
 tf = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 ATOL_F32 = RTOL_F32 = 1e-5  # cos / sin against transformers' rotary classes (float32)
-SMALL = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
-         "num_hidden_layers": 4, "max_position_embeddings": 64}
 POSITIONS = [[3, 4, 5, 6, 7, 8], [0, 0, 1, 2, 3, 4]]  # an offset row, a left-padded row
-
-
-def _configs():
-    """family -> (config, attention class, rotary class)."""
-    from transformers.models.gemma2 import modeling_gemma2 as g2
-    from transformers.models.gemma3 import modeling_gemma3 as g3
-    from transformers.models.gpt_oss import modeling_gpt_oss as oss
-    from transformers.models.llama import modeling_llama as llama
-    from transformers.models.mistral import modeling_mistral as mistral
-    from transformers.models.olmo2 import modeling_olmo2 as olmo2
-    from transformers.models.phi3 import modeling_phi3 as phi3
-    from transformers.models.qwen2 import modeling_qwen2 as qwen2
-    from transformers.models.qwen3 import modeling_qwen3 as qwen3
-
-    no_head_dim = {k: v for k, v in SMALL.items() if k != "head_dim"}
-    return {
-        "llama": (tf.LlamaConfig(**SMALL, attention_bias=True, attention_dropout=0.1,
-                                 rope_parameters={"rope_type": "llama3", "factor": 8.0,
-                                                  "low_freq_factor": 1.0,
-                                                  "high_freq_factor": 4.0,
-                                                  "original_max_position_embeddings": 16,
-                                                  "rope_theta": 500_000.0}),
-                  llama.LlamaAttention, llama.LlamaRotaryEmbedding),
-        "mistral": (tf.MistralConfig(**SMALL, sliding_window=5,
-                                     rope_parameters={"rope_type": "default",
-                                                      "rope_theta": 1e6}),
-                    mistral.MistralAttention, mistral.MistralRotaryEmbedding),
-        "qwen2": (tf.Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=5,
-                                 max_window_layers=2,
-                                 rope_parameters={"rope_type": "yarn", "factor": 4.0,
-                                                  "original_max_position_embeddings": 16,
-                                                  "rope_theta": 1e6}),
-                  qwen2.Qwen2Attention, qwen2.Qwen2RotaryEmbedding),
-        "qwen3": (tf.Qwen3Config(**SMALL, rms_norm_eps=1e-5, use_sliding_window=True,
-                                 sliding_window=3, max_window_layers=3,
-                                 rope_parameters={"rope_type": "dynamic", "factor": 2.0,
-                                                  "rope_theta": 1e6}),
-                  qwen3.Qwen3Attention, qwen3.Qwen3RotaryEmbedding),
-        "gemma2": (tf.Gemma2Config(**SMALL, query_pre_attn_scalar=16, sliding_window=4,
-                                   attn_logit_softcapping=30.0, attention_bias=True),
-                   g2.Gemma2Attention, g2.Gemma2RotaryEmbedding),
-        "gemma3": (tf.Gemma3TextConfig(**{**SMALL, "num_hidden_layers": 6},
-                                       query_pre_attn_scalar=24, sliding_window=4,
-                                       rope_parameters={
-                                           "full_attention": {"rope_type": "linear",
-                                                              "factor": 8.0,
-                                                              "rope_theta": 1e6},
-                                           "sliding_attention": {"rope_type": "default",
-                                                                 "rope_theta": 1e4}}),
-                   g3.Gemma3Attention, g3.Gemma3RotaryEmbedding),
-        "phi3": (tf.Phi3Config(**no_head_dim, original_max_position_embeddings=16,
-                               sliding_window=6,
-                               rope_parameters={"rope_type": "longrope",
-                                                "short_factor": [1.0, 1.5],
-                                                "long_factor": [2.0, 4.0],
-                                                "partial_rotary_factor": 0.5,
-                                                "rope_theta": 1e4}),
-                 phi3.Phi3Attention, phi3.Phi3RotaryEmbedding),
-        # theta and L0 where truncate=False changes YaRN's ramp at head size 8
-        "gpt_oss": (tf.GptOssConfig(**{**SMALL, "max_position_embeddings": 256},
-                                    sliding_window=4,
-                                    rope_parameters={"rope_type": "yarn", "factor": 4.0,
-                                                     "beta_fast": 32.0, "beta_slow": 1.0,
-                                                     "truncate": False,
-                                                     "original_max_position_embeddings": 64,
-                                                     "rope_theta": 500.0}),
-                    oss.GptOssAttention, oss.GptOssRotaryEmbedding),
-        "olmo2": (tf.Olmo2Config(**{k: v for k, v in SMALL.items() if k != "head_dim"},
-                                 rms_norm_eps=1e-5),
-                  olmo2.Olmo2Attention, olmo2.Olmo2RotaryEmbedding),
-    }
 
 
 CONFIGS = _configs()
