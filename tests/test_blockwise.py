@@ -14,7 +14,7 @@ import pytest
 
 from attention_jax import kernels, ops
 from attention_jax.kernels import blockwise, dispatch
-from tests.helpers import (  # noqa: F401 (re-exported: tests/test_decode_kernel.py imports them)
+from tests.helpers import (
     BF16_GRAD_TOL,
     BF16_TOL,
     F32_GRAD_TOL,
@@ -24,7 +24,6 @@ from tests.helpers import (  # noqa: F401 (re-exported: tests/test_decode_kernel
     H,
     S,
     T,
-    V,
 )
 from tests.helpers import check_against_einsum as _check
 from tests.helpers import inputs as _inputs

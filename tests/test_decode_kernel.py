@@ -13,16 +13,11 @@ from flax import nnx
 
 from attention_jax import MultiHeadAttention, kernels, masks, ops
 from attention_jax.kernels import decode, dispatch
-from tests.test_blockwise import (
-    BF16_GRAD_TOL,
-    BF16_TOL,
-    F32_TOL,
-    HEADS,
-    _check,
-    _inputs,
-    _mask,
-    _via_ops,
-)
+from tests.helpers import BF16_GRAD_TOL, BF16_TOL, F32_TOL, HEADS
+from tests.helpers import check_against_einsum as _check
+from tests.helpers import inputs as _inputs
+from tests.helpers import mask_of_kind as _mask
+from tests.helpers import via_ops as _via_ops
 
 
 @pytest.mark.parametrize("heads", list(HEADS))
