@@ -14,12 +14,15 @@ the grouping ``[B, T, K, G, H]`` never materialises repeated keys or values.
    \\mathrm{attn}(q, k, v)_{t,n} = \\sum_s \\mathrm{softmax}_s\\big(
        \\mathrm{scale}\\; q_{t,n} \\cdot k_{s,\\lfloor n/G \\rfloor} + \\mathrm{bias}
    \\big)\\, v_{s,\\lfloor n/G \\rfloor}
+
+The backend table (``register_implementation``, ``get_implementation``,
+``default_implementation``, ...) is in :mod:`attention_jax.backends`, the operand
+checks (``check_qkv``, ...) in :mod:`attention_jax.checks`; both are re-exported here.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 from collections.abc import Callable
 
@@ -28,137 +31,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from attention_jax import masks
+from attention_jax.backends import _BUILTIN_IMPLEMENTATIONS as _BUILTIN_IMPLEMENTATIONS
+from attention_jax.backends import _USER_IMPLEMENTATIONS as _USER_IMPLEMENTATIONS
+from attention_jax.backends import _load_builtin as _load_builtin
+from attention_jax.backends import available_implementations as available_implementations
+from attention_jax.backends import check_implementation, get_implementation
+from attention_jax.backends import default_implementation as default_implementation
+from attention_jax.backends import register_implementation as register_implementation
+from attention_jax.checks import _check_broadcast, _check_extras, _promote, check_qkv
 
 Array = jax.Array
 
 # Logits of masked-out keys. The float32 minimum (not -inf) keeps a fully
 # masked row finite; such rows are zeroed after the softmax.
 _MASKED = float(np.finfo(np.float32).min)
-
-# The backends ``implementation=`` accepts: one table, filled here and nowhere
-# else. Entries are ``"module:function"`` paths resolved on first use, so that
-# what is available never depends on which module was imported first (the
-# kernels import this module, so it cannot import them at load time).
-_BUILTIN_IMPLEMENTATIONS: dict[str, str] = {
-    "xla": "attention_jax.ops:attention_core",
-    "blockwise": "attention_jax.kernels.blockwise:blockwise_core",
-    "cudnn": "attention_jax.kernels.cudnn:cudnn_attention",
-    "decode": "attention_jax.kernels.decode:decode_core",
-    "auto": "attention_jax.kernels.dispatch:auto_attention",
-}
-# Backends added by users through :func:`register_implementation`.
-_USER_IMPLEMENTATIONS: dict[str, Callable[..., Array]] = {}
-
-
-def register_implementation(name: str, fn: Callable[..., Array]) -> None:
-    """Make ``fn`` selectable as ``implementation=name``.
-
-    ``fn`` has the signature of :func:`attention_core` (no dropout, no returned
-    weights) and must equal it; :func:`dot_product_attention` falls back to the
-    einsum path whenever dropout or weights are asked for. A built-in name
-    cannot be replaced.
-
-    Raises:
-      ValueError: when ``name`` is a built-in backend.
-    """
-    if name in _BUILTIN_IMPLEMENTATIONS:
-        raise ValueError(
-            f"implementation {name!r} is built in and cannot be replaced; pick another name"
-        )
-    _USER_IMPLEMENTATIONS[name] = fn
-
-
-def available_implementations() -> tuple[str, ...]:
-    """Names accepted by ``implementation=``: the built-in backends, then registered ones."""
-    return (*_BUILTIN_IMPLEMENTATIONS, *_USER_IMPLEMENTATIONS)
-
-
-def default_implementation() -> str:
-    """What ``implementation=None`` resolves to: always ``"auto"``."""
-    return "auto"
-
-
-def check_implementation(implementation: str | None, *, name: str = "implementation") -> str:
-    """``implementation`` resolved (None -> :func:`default_implementation`) and checked.
-
-    Raises:
-      ValueError: for a name that is neither built in nor registered (the one
-        wording of this check in the package).
-    """
-    impl = default_implementation() if implementation is None else implementation
-    if impl not in _BUILTIN_IMPLEMENTATIONS and impl not in _USER_IMPLEMENTATIONS:
-        raise ValueError(
-            f"unknown {name} {implementation!r}; available: {available_implementations()}"
-        )
-    return impl
-
-
-@functools.cache
-def _load_builtin(path: str) -> Callable[..., Array]:
-    module, fn = path.split(":")
-    return getattr(importlib.import_module(module), fn)
-
-
-def get_implementation(implementation: str | None) -> Callable[..., Array]:
-    """The function behind ``implementation`` (signature of :func:`attention_core`).
-
-    >>> get_implementation("xla") is attention_core
-    True
-    """
-    impl = check_implementation(implementation)
-    if impl in _USER_IMPLEMENTATIONS:
-        return _USER_IMPLEMENTATIONS[impl]
-    return _load_builtin(_BUILTIN_IMPLEMENTATIONS[impl])
-
-
-# ---------------------------------------------------------------------------
-# Shape checks
-# ---------------------------------------------------------------------------
-
-
-def check_qkv(q: Array, k: Array, v: Array) -> tuple[int, int, int, int, int, int, int]:
-    """Validates attention operands and returns ``(B, T, S, N, K, H, V)``.
-
-    Raises:
-      ValueError: naming the offending shapes when ranks, batch, lengths or
-        head sizes disagree, or when N is not a multiple of K.
-    """
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.ndim != 4:
-            raise ValueError(
-                f"{name} must have rank 4 ([batch, length, heads, head_dim]); "
-                f"got shape {tuple(x.shape)}"
-            )
-    B, T, N, H = q.shape
-    Bk, S, K, Hk = k.shape
-    Bv, Sv, Kv, V = v.shape
-    if not B == Bk == Bv:
-        raise ValueError(f"batch sizes differ: q {B}, k {Bk}, v {Bv}")
-    if S != Sv:
-        raise ValueError(f"key length {S} != value length {Sv}")
-    if H != Hk:
-        raise ValueError(f"query head size {H} != key head size {Hk}")
-    if K != Kv:
-        raise ValueError(f"key heads {K} != value heads {Kv}")
-    if K == 0 or N % K:
-        raise ValueError(
-            f"query heads ({N}) must be a multiple of key/value heads ({K})"
-        )
-    return B, T, S, N, K, H, V
-
-
-def _check_broadcast(name: str, x: Array | None, shape: tuple[int, ...]) -> None:
-    if x is None:
-        return
-    ok = x.ndim <= len(shape) and all(
-        a in (1, b) for a, b in zip(x.shape[::-1], shape[::-1], strict=False)
-    )
-    if not ok:
-        B, N, T, S = shape
-        raise ValueError(
-            f"{name} of shape {tuple(x.shape)} does not broadcast to "
-            f"[batch, heads, q_len, kv_len] = [{B}, {N}, {T}, {S}]"
-        )
 
 
 def group_heads(x: Array, shape: tuple[int, int, int, int], K: int) -> Array:
@@ -346,25 +232,6 @@ def _einsum_attention(
 
 
 _STRUCTURED_BACKENDS = ("xla", "blockwise", "cudnn", "auto")
-
-
-def _check_extras(q, k, mask, sinks, scale, N: int) -> None:
-    if isinstance(mask, masks.Mask):
-        mask.check(q.shape[0], N, q.shape[1], k.shape[1])
-    elif mask is not None and not hasattr(mask, "dtype"):
-        raise TypeError(
-            f"mask must be a boolean array or an attention_jax.masks object; got {type(mask)}")
-    if sinks is not None and tuple(jnp.shape(sinks)) != (N,):
-        raise ValueError(f"sinks must be [num_heads] = [{N}]; got shape {tuple(jnp.shape(sinks))}")
-    if scale is not None and jnp.ndim(scale) != 0:
-        raise ValueError(f"scale must be a scalar; got shape {jnp.shape(scale)}")
-
-
-def _promote(x: Array) -> Array:
-    """Integer and boolean operands become float32 (the softmax weights are not integers)."""
-    if jnp.issubdtype(x.dtype, jnp.inexact):
-        return x
-    return x.astype(jnp.float32)
 
 
 def dot_product_attention(
