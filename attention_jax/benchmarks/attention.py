@@ -35,6 +35,11 @@ Usage::
   python experiments/bench_attention.py   # the same, from a source checkout
 
 Runs on one device; do not set the fake-device XLA flag the tests use.
+
+This module holds the sections (what each measures) and ``main``; the timing and
+the contenders are in :mod:`attention_jax.benchmarks.attention_cases`, the tables
+and plots in :mod:`attention_jax.benchmarks.attention_report`. Their names are
+importable from here as before.
 """
 
 from __future__ import annotations
@@ -46,15 +51,24 @@ import platform
 import resource
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-import attention_jax
 from attention_jax import kernels, ops
+from attention_jax.benchmarks.attention_cases import (  # noqa: F401 (names of this module)
+    _ready,
+    core_cases,
+    gflops,
+    interleaved,
+    jax_core_cases,
+    module_cases,
+    random_qkv,
+    to_torch,
+    torch_core_cases,
+)
+from attention_jax.benchmarks.attention_report import plot, summary_tables
 from attention_jax.cli import default_out, print_table, progress_bar
 
 # Shapes per section; --tiny swaps in TINY_SHAPES (and short T lists, see main).
@@ -81,157 +95,6 @@ TINY_SHAPES = {
 def _shape(args, section, dims):
     """The section's dims, in the order of ``dims`` (e.g. ``"BTNKH"``)."""
     return tuple(args.shapes[section][d] for d in dims)
-
-
-def to_torch(x):
-    """A JAX array as a torch tensor of the same dtype (float32 or bfloat16)."""
-    import torch
-
-    # a writable copy: numpy views of JAX arrays are read-only, which torch warns about
-    x32 = np.array(x, np.float32)
-    return torch.from_numpy(x32).to(getattr(torch, jnp.dtype(x.dtype).name))
-
-
-# ---------------------------------------------------------------------------
-# Timing
-# ---------------------------------------------------------------------------
-
-
-def interleaved(cases: dict[str, Callable[[], object]], reps: int, bar=None) -> dict:
-    """Runs each zero-argument case once to warm up, then ``reps`` rounds of all of
-    them in rotating order. Returns ``{name: {"median_ms", "min_ms", "all_ms"}}``."""
-    names = list(cases)
-    for n in names:
-        cases[n]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(reps):
-        for n in names[r % len(names):] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            cases[n]()
-            times[n].append((time.perf_counter() - t0) * 1e3)
-        if bar is not None:
-            bar.update(1)
-    return {
-        n: {"median_ms": float(np.median(t)), "min_ms": float(np.min(t)), "all_ms": t}
-        for n, t in times.items()
-    }
-
-
-def gflops(B, N, T, S, H, *, causal, backward):
-    f = 4.0 * B * N * T * S * H * (3.5 if backward else 1.0)
-    return f / (2.0 if causal else 1.0) / 1e9
-
-
-def _ready(x):
-    return jax.block_until_ready(x)
-
-
-# ---------------------------------------------------------------------------
-# Contenders: core
-# ---------------------------------------------------------------------------
-
-
-def jax_core_cases(impl, q, k, v, causal):
-    """``(forward, forward + backward)`` zero-argument callables for a JAX function."""
-    if impl == "jax.nn":
-        def fn(q, k, v):
-            return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
-    else:
-        def fn(q, k, v):
-            return ops.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
-    fwd = jax.jit(fn)
-    bwd = jax.jit(jax.grad(lambda q, k, v: fn(q, k, v).sum(), (0, 1, 2)))
-    return (lambda: _ready(fwd(q, k, v))), (lambda: _ready(bwd(q, k, v)))
-
-
-def torch_core_cases(q, k, v, causal):
-    import torch
-    import torch.nn.functional as F
-
-    tq, tk, tv = (to_torch(x).transpose(1, 2).contiguous() for x in (q, k, v))
-    gq, gk, gv = (x.clone().requires_grad_() for x in (tq, tk, tv))
-    gqa = tq.shape[1] != tk.shape[1]
-
-    def fwd():
-        with torch.no_grad():
-            return F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal, enable_gqa=gqa)
-
-    def bwd():
-        out = F.scaled_dot_product_attention(gq, gk, gv, is_causal=causal, enable_gqa=gqa)
-        out.sum().backward()
-        for x in (gq, gk, gv):
-            x.grad = None
-
-    return fwd, bwd
-
-
-def random_qkv(B, T, S, N, K, H, dtype=jnp.float32, seed=0):
-    dtype = jnp.dtype(dtype)
-    rng = np.random.default_rng(seed)
-    shapes = ((B, T, N, H), (B, S, K, H), (B, S, K, H))
-    return tuple(jnp.asarray(rng.standard_normal(s), dtype) for s in shapes)
-
-
-def core_cases(B, T, N, K, H, causal, impls, with_torch=True, dtype=jnp.float32):
-    q, k, v = random_qkv(B, T, T, N, K, H, dtype)
-    fwd, bwd = {}, {}
-    for impl in impls:
-        fwd[impl], bwd[impl] = jax_core_cases(impl, q, k, v, causal)
-    if with_torch:
-        fwd["torch"], bwd["torch"] = torch_core_cases(q, k, v, causal)
-    return fwd, bwd
-
-
-# ---------------------------------------------------------------------------
-# Contenders: modules
-# ---------------------------------------------------------------------------
-
-
-def module_cases(B, T, D, N, causal, dtype=jnp.float32):
-    from flax import nnx
-
-    dtype = jnp.dtype(dtype)
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((B, T, D)), dtype)
-
-    def jax_pair(module, call):
-        graphdef, state = nnx.split(module)
-
-        def apply(state, x):
-            return call(nnx.merge(graphdef, state), x)
-
-        fwd = jax.jit(apply)
-        bwd = jax.jit(jax.grad(lambda s, x: apply(s, x).sum(), (0, 1)))
-        return (lambda: _ready(fwd(state, x))), (lambda: _ready(bwd(state, x)))
-
-    fwd, bwd = {}, {}
-    ours = attention_jax.MultiHeadAttention(D, N, param_dtype=dtype, rngs=nnx.Rngs(0))
-    fwd["attention_jax"], bwd["attention_jax"] = jax_pair(
-        ours, lambda m, x: m(x, is_causal=causal))
-    flax_mha = nnx.MultiHeadAttention(N, D, decode=False, deterministic=True, param_dtype=dtype,
-                                      rngs=nnx.Rngs(0))
-    fwd["flax.nnx"], bwd["flax.nnx"] = jax_pair(
-        flax_mha, lambda m, x: m(x, is_causal=causal))
-
-    import torch
-
-    tx = to_torch(x)
-    tmha = torch.nn.MultiheadAttention(D, N, batch_first=True, dtype=tx.dtype)
-    gx = tx.clone().requires_grad_()
-    mask = (torch.nn.Transformer.generate_square_subsequent_mask(T, dtype=tx.dtype)
-            if causal else None)
-
-    def t_fwd():
-        with torch.no_grad():
-            return tmha(tx, tx, tx, need_weights=False, attn_mask=mask, is_causal=causal)
-
-    def t_bwd():
-        out, _ = tmha(gx, gx, gx, need_weights=False, attn_mask=mask, is_causal=causal)
-        out.sum().backward()
-        tmha.zero_grad()
-        gx.grad = None
-
-    fwd["torch"], bwd["torch"] = t_fwd, t_bwd
-    return fwd, bwd
 
 
 # ---------------------------------------------------------------------------
@@ -404,115 +267,6 @@ SECTIONS = {
     "remat": (section_remat, lambda a: a.reps),
     "precision": (section_precision, lambda a: a.reps),
 }
-
-
-# ---------------------------------------------------------------------------
-# Report
-# ---------------------------------------------------------------------------
-
-
-def _shape_label(shape):
-    return " ".join(f"{d}={shape[d]}" for d in "BNH" if d in shape) + f" {shape['dtype']}"
-
-
-def plot(results, path_prefix):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
-
-    def t_axis(ax, ts):
-        ax.set_xticks(ts, [str(t) for t in ts])
-        ax.xaxis.set_minor_formatter(NullFormatter())
-
-    if "sweep" in results:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for causal in (False, True):
-            runs = [r for r in results["sweep"]["runs"] if r["causal"] == causal]
-            for impl in ("xla", "blockwise", "torch"):
-                pts = [(r["T"], r["fwd+bwd"][impl]["median_ms"]) for r in runs
-                       if impl in r["fwd+bwd"]]
-                if pts:
-                    ax.plot(*zip(*pts, strict=True), marker="o", ls="--" if causal else "-",
-                            label=f"{impl}{' causal' if causal else ''}")
-        ax.set(xscale="log", yscale="log", xlabel="T = S", ylabel="fwd+bwd ms (median)",
-               title=f"attention core, {_shape_label(results['sweep']['shape'])}")
-        t_axis(ax, sorted({r["T"] for r in results["sweep"]["runs"]}))
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(f"{path_prefix}_time_vs_T.png", dpi=120)
-    if "memory" in results:
-        rows = results["memory"]["rows"]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for impl in ("xla", "blockwise"):
-            ax.plot([r["T"] for r in rows], [r[impl] / 2**20 for r in rows], marker="o",
-                    label=impl)
-        ax.set(xscale="log", yscale="log", xlabel="T = S", ylabel="temp MiB",
-               title="jit(grad) temporary memory, "
-                     f"{_shape_label(results['memory']['shape'])} causal")
-        t_axis(ax, [r["T"] for r in rows])
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(f"{path_prefix}_memory_vs_T.png", dpi=120)
-
-
-def _shape_text(section):
-    return ", ".join(f"{k}={v}" for k, v in section["shape"].items() if k != "what")
-
-
-def summary_tables(results):
-    """``[(title, rows)]``: the results as tables (one row dict per line)."""
-    tables = []
-    for sec in ("core", "module"):
-        if sec not in results:
-            continue
-        rows = []
-        for key, val in results[sec].items():
-            if key == "shape":
-                continue
-            for name, x in val["results"].items():
-                row = {"case": key, "contender": name, "median ms": x["median_ms"],
-                       "min ms": x["min_ms"]}
-                for label in ("vs_torch", "vs_flax"):
-                    if f"ratio_{label}" in val:
-                        row[f"{label.replace('_', ' ')} (median)"] = val[f"ratio_{label}"][name]
-                        row[f"{label.replace('_', ' ')} (min)"] = (
-                            val[f"ratio_{label}_of_min"][name])
-                if "gflop_s" in x:
-                    row["GFLOP/s"] = x["gflop_s"]
-                rows.append(row)
-        tables.append((f"{sec}: {_shape_text(results[sec])}", rows))
-    if "crossover" in results:
-        title = f"crossover: blockwise / xla, fwd+bwd; {_shape_text(results['crossover'])}"
-        tables.append((title, [
-            {"T": T, "median ratio": val["blockwise_over_xla"],
-             "ratio of min": val["blockwise_over_xla_of_min"]}
-            for T, val in results["crossover"]["T"].items()]))
-    if "sweep" in results:
-        tables.append((f"sweep: fwd+bwd; {_shape_text(results['sweep'])}", [
-            {"T": run["T"], "causal": str(run["causal"]), "contender": name,
-             "median ms": x["median_ms"], "GFLOP/s": x["gflop_s"]}
-            for run in results["sweep"]["runs"] for name, x in run["fwd+bwd"].items()]))
-    if "memory" in results:
-        tables.append((f"memory: jit(grad) temporary MiB; {_shape_text(results['memory'])}", [
-            {"T": row["T"], "xla MiB": row["xla"] / 2**20,
-             "blockwise MiB": row["blockwise"] / 2**20}
-            for row in results["memory"]["rows"]]))
-    for sec, title in (("remat", "remat: jit(grad) of a residual attention stack"),
-                       ("precision", "precision: core fwd+bwd, causal")):
-        if sec in results:
-            tables.append((f"{title}; {_shape_text(results[sec])}", [
-                {("temp MiB" if k == "temp_bytes" else k): (v / 2**20 if k == "temp_bytes" else v)
-                 for k, v in row.items()}
-                for row in results[sec]["rows"]]))
-    if "largest" in results:
-        lg = results["largest"]
-        tables.append(("largest: blockwise fwd+bwd", [
-            {"T": lg["shape"]["T"], "seconds incl. compile": lg["seconds_incl_compile"],
-             "peak RSS GiB": lg["peak_rss_bytes"] / 2**30,
-             "temp MiB": lg["temp_bytes"] / 2**20}]))
-    return tables
 
 
 def main(argv=None):
