@@ -9,7 +9,8 @@ field       shape              meaning
 ==========  =================  ==============================================
 k           ``[B, L, K, H]``   keys (rope already applied), float or int8
 v           ``[B, L, K, V]``   values, float or int8
-lengths     ``[B]`` int32      tokens stored per row (rows may differ)
+lengths     ``[B]`` int32      slots filled per row (rows may differ)
+starts      ``[B]`` int32      left-padding slots at the front of each row (0)
 k_scale     ``[B, L, K]``      int8 caches only: per token and head scales
 v_scale     ``[B, L, K]``      (float32), ``None`` for float caches
 ==========  =================  ==============================================
@@ -26,6 +27,13 @@ new tokens of each row are real. Only those are stored and counted
 (``lengths += valid_lengths``); a padded token is not written, and the next step
 of that row starts right after its last real token. The outputs at padded
 positions are finite but meaningless (they see the row's real keys); ignore them.
+
+**Left-padded prompts**: a batch of prompts padded on the left (as tokenizers
+pad for generation) is prefilled as it is, padding included, into a cache made
+by :func:`left_padded` with each row's padding count: slots before
+``starts[b]`` are never attended to, and the rope / mask / score_mod position
+of the token in slot ``p`` is ``p - starts[b]`` (:func:`token_positions`), so a
+row's first real token sits at position 0 whatever its padding.
 
 **Capacity.** Writing past ``max_length`` L raises ``ValueError`` when the
 lengths are concrete (eager calls). Under ``jax.jit`` the lengths are traced and
@@ -69,18 +77,20 @@ a block ``[B, S, K, H]`` of it as one contiguous run per row. ``[B, K, L, H]``
 
 from __future__ import annotations
 
-import contextvars
-import functools
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax.experimental import checkify
 
-from attention_jax import masks, ops
+from attention_jax.cache_checks import (  # noqa: F401  (re-exported)
+    _CHECKIFY,
+    _is_concrete,
+    check_capacity,
+    checked,
+    resolve_valid_lengths,
+)
 
 Array = jax.Array
 
@@ -94,10 +104,11 @@ class KVCache:
 
     ``dropped`` and ``clipped`` (``[B]`` int32) are the bookkeeping of jitted
     steps (see "Capacity"): tokens not stored because the row was full, and
-    steps whose ``valid_lengths`` was outside ``[0, t]`` and was clipped. Left
-    out (None), they are zeros shaped like ``lengths`` (and, for a cache of
-    ``PartitionSpec`` s, the spec of ``lengths``), so ``KVCache(k, v, lengths)``
-    keeps working.
+    steps whose ``valid_lengths`` was outside ``[0, t]`` and was clipped.
+    ``starts`` (``[B]`` int32) counts the left-padding slots of each row (see
+    "Left-padded prompts"). Left out (None), the three are zeros shaped like
+    ``lengths`` (and, for a cache of ``PartitionSpec`` s, the spec of
+    ``lengths``), so ``KVCache(k, v, lengths)`` keeps working.
     """
 
     k: Array  # [B, L, K, H]
@@ -107,9 +118,10 @@ class KVCache:
     v_scale: Array | None = None  # [B, L, K] (int8 caches)
     dropped: Array | None = None  # [B] int32: tokens lost to a full row
     clipped: Array | None = None  # [B] int32: steps with valid_lengths outside [0, t]
+    starts: Array | None = None  # [B] int32: left-padding slots (never attended)
 
     def __post_init__(self):
-        for name in ("dropped", "clipped"):
+        for name in ("dropped", "clipped", "starts"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, _like_lengths(self.lengths))
 
@@ -255,128 +267,38 @@ def dequantize_int8(q: Array, scale: Array, dtype: Any = jnp.float32) -> Array:
 # ---------------------------------------------------------------------------
 
 
-def _is_concrete(*xs: Array | int) -> bool:
-    """True when every value can be read on the host (eager), False under tracing."""
-    try:
-        for x in xs:
-            np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return False
-    return True
+def positions(cache: KVCache, t: int) -> Array:
+    """``[B, t]`` the slots the next t tokens of each row are written to."""
+    return cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
 
 
-# Set while a function runs under :func:`checked`: steps then emit checkify checks.
-_CHECKIFY = contextvars.ContextVar("attention_jax_cache_checkify", default=False)
-
-
-def resolve_valid_lengths(valid_lengths: Array | None, batch: int, t: int) -> Array:
-    """``[B]`` int32 real tokens per row among t new ones: the given ones checked, or all t.
-
-    Under ``jit`` the values cannot be checked: :func:`update` clips them to
-    ``[0, t]`` and counts the step in ``KVCache.clipped``.
-
-    Raises:
-      TypeError: for a float or boolean ``valid_lengths``.
-      ValueError: for a shape other than ``[batch]``, or (eagerly) a value outside ``[0, t]``.
-    """
-    if valid_lengths is None:
-        return jnp.full((batch,), t, jnp.int32)
-    dtype = jnp.result_type(valid_lengths)
-    if not jnp.issubdtype(dtype, jnp.integer):
-        raise TypeError(
-            f"valid_lengths must be integers (tokens per row); got dtype {dtype}"
-        )
-    valid_lengths = jnp.asarray(valid_lengths, jnp.int32)
-    if valid_lengths.shape != (batch,):
-        raise ValueError(
-            f"valid_lengths must be [batch] = [{batch}]; got shape {valid_lengths.shape}"
-        )
-    if _is_concrete(valid_lengths):
-        bad = np.flatnonzero((np.asarray(valid_lengths) < 0) | (np.asarray(valid_lengths) > t))
-        if bad.size:
-            b = int(bad[0])
-            raise ValueError(
-                f"valid_lengths[{b}] = {int(valid_lengths[b])} is outside [0, {t}] "
-                f"for {t} new tokens"
-            )
-    elif _CHECKIFY.get():
-        checkify.check(jnp.all((valid_lengths >= 0) & (valid_lengths <= t)),
-                       f"valid_lengths outside [0, {t}]: {{}}", valid_lengths)
-    return valid_lengths
-
-
-def check_capacity(cache: KVCache, new_tokens: Array | int) -> None:
-    """Raises if storing ``new_tokens`` (scalar or ``[B]``) would pass ``max_length``.
-
-    When the lengths are traced (inside ``jit``) nothing can be raised here:
-    the step drops the tokens and counts them in ``cache.dropped`` (call
-    :meth:`KVCache.check` on the result), or, under :func:`checked`, raises
-    through ``checkify``.
-
-    Raises:
-      ValueError: naming the row, its length, the new tokens and ``max_length``.
-    """
-    if not _is_concrete(cache.lengths, new_tokens):
-        if _CHECKIFY.get():
-            room = jnp.asarray(cache.lengths) + jnp.asarray(new_tokens) <= cache.max_length
-            checkify.check(jnp.all(room), f"KV cache overflow: lengths {{}} plus new tokens "
-                           f"{{}} pass max_length {cache.max_length}",
-                           cache.lengths, jnp.broadcast_to(new_tokens, cache.lengths.shape))
-        return
-    lengths = np.asarray(cache.lengths)
-    new = np.broadcast_to(np.asarray(new_tokens), lengths.shape)
-    over = np.flatnonzero(lengths + new > cache.max_length)
-    if over.size:
-        b = int(over[0])
-        raise ValueError(
-            f"KV cache overflow: row {b} holds {int(lengths[b])} tokens and {int(new[b])} more "
-            f"would need {int(lengths[b] + new[b])} positions, but max_length is "
-            f"{cache.max_length}; create the cache with a larger max_length"
-        )
-
-
-def checked(fn: Callable, **jit_kwargs) -> Callable:
-    """``fn`` jitted with the cache's data-dependent checks raising (``jax.experimental.checkify``).
-
-    Inside the returned function, every decode step checks that no row
-    overflows ``max_length`` and that ``valid_lengths`` lies in ``[0, t]``; a
-    failure raises ``checkify.JaxRuntimeError`` after the step with the values.
-    The checks cost a reduction and a host sync per call; without
-    :func:`checked`, a jitted step records the same facts in the cache
-    (``dropped``, ``clipped``) for :meth:`KVCache.check`.
-
-    Args:
-      fn: a function of arrays and pytrees (e.g. ``nnx.split`` state) that runs decode steps.
-      **jit_kwargs: passed to ``jax.jit`` (``donate_argnums=...``).
+def token_positions(cache: KVCache, t: int) -> Array:
+    """``[B, t]`` positions of the next t tokens (for rope, masks, score_mod): slot - starts.
 
     >>> import jax.numpy as jnp
-    >>> step = checked(lambda c, k: update(c, k, k), donate_argnums=0)
-    >>> c = step(init_cache(1, 2, 1, 4), jnp.ones((1, 2, 1, 4)))
-    >>> step(c, jnp.ones((1, 1, 1, 4)))  # doctest: +IGNORE_EXCEPTION_DETAIL
-    Traceback (most recent call last):
-    JaxRuntimeError: KV cache overflow: ...
+    >>> c = left_padded(init_cache(2, 8, 1, 4), jnp.array([0, 3]))
+    >>> token_positions(c, 4).tolist()
+    [[0, 1, 2, 3], [-3, -2, -1, 0]]
     """
-    def traced(*args, **kwargs):
-        token = _CHECKIFY.set(True)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            _CHECKIFY.reset(token)
-
-    run = jax.jit(checkify.checkify(traced), **jit_kwargs)
-
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        err, out = run(*args, **kwargs)
-        err.throw()
-        return out
-
-    return call
+    return positions(cache, t) - cache.starts[:, None]
 
 
-def positions(cache: KVCache, t: int) -> Array:
-    """``[B, t]`` absolute positions of the next t tokens of each row."""
-    return cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+def left_padded(cache: KVCache, padding: Array) -> KVCache:
+    """The cache with ``padding[b]`` left-padding slots in row b (``starts = padding``).
+
+    Prefill the left-padded prompts ``[B, T]`` into it as they are: slots
+    ``< padding[b]`` are written but never attended to, and positions count from
+    the first real token (:func:`token_positions`). For an attention mask
+    ``[B, T]`` (1 = token) of left-padded prompts, ``padding = T - mask.sum(1)``.
+
+    Raises:
+      ValueError: a ``padding`` that is not ``[B]`` integers.
+    """
+    padding = jnp.asarray(padding)
+    if padding.shape != (cache.batch_size,) or not jnp.issubdtype(padding.dtype, jnp.integer):
+        raise ValueError(f"padding must be [batch] = [{cache.batch_size}] integers; got shape "
+                         f"{tuple(padding.shape)} dtype {padding.dtype}")
+    return cache.replace(starts=padding.astype(jnp.int32))
 
 
 def update(cache: KVCache, k_new: Array, v_new: Array,
@@ -448,29 +370,6 @@ def read(cache: KVCache, dtype: Any) -> tuple[Array, Array]:
             dequantize_int8(cache.v, cache.v_scale, dtype))
 
 
-def decode_mask(lengths: Array, t: int, max_length: int,
-                valid_lengths: Array | None = None) -> Array:
-    """What the t new queries of each row see in the updated cache.
-
-    Args:
-      lengths: ``[B]`` stored tokens *before* the step.
-      t: new tokens this step.
-      max_length: L.
-      valid_lengths: ``[B]`` real new tokens, default t.
-
-    Returns:
-      ``[B, 1, t, L]`` boolean: key s is visible to query i of row b iff
-      ``s <= lengths[b] + i`` and ``s < min(lengths[b] + valid_lengths[b], L)``.
-    """
-    lengths = jnp.asarray(lengths, jnp.int32)
-    valid = jnp.clip(resolve_valid_lengths(valid_lengths, lengths.shape[0], t), 0, t)
-    stored = jnp.minimum(lengths + valid, max_length)
-    return masks.combine_masks(
-        masks.causal_mask(t, max_length, offset=lengths),  # [B, 1, t, L]
-        masks.padding_mask(stored, max_length),  # [B, 1, 1, L]
-    )
-
-
 def select_kv_heads(cache: KVCache, first: Array | int, count: int) -> KVCache:
     """The cache's kv heads ``first .. first + count - 1`` (``first`` may be traced).
 
@@ -484,114 +383,13 @@ def select_kv_heads(cache: KVCache, first: Array | int, count: int) -> KVCache:
                          v_scale=take(cache.v_scale))
 
 
-def check_step_inputs(q: Array, k_new: Array, v_new: Array, cache: KVCache,
-                      mask: Array | None, kv_heads: tuple[Array | int, int] | None = None) -> None:
-    """Trace-time checks of a step: ranks, dtypes, head counts and the mask.
-
-    Raises:
-      ValueError: a rank or shape that does not fit (naming the expected
-        ``[B, N, t, L]`` for the mask).
-      TypeError: a mask that is not boolean (decode takes no additive masks), or
-        float queries / keys / values expected.
-    """
-    if q.ndim != 4:
-        raise ValueError(f"q must be [B, t, N, H]; got shape {tuple(q.shape)}")
-    B, t, N, H = q.shape
-    K = k_new.shape[2] if k_new.ndim == 4 else None
-    if kv_heads is not None:
-        K = kv_heads[1]  # the queries attend with these kv heads only
-    if k_new.ndim != 4 or v_new.ndim != 4 or N % K or k_new.shape[-1] != H:
-        raise ValueError(
-            f"new keys {tuple(k_new.shape)} / values {tuple(v_new.shape)} do not fit q "
-            f"{tuple(q.shape)}: expected [B={B}, t={t}, K, H={H}] with N={N} divisible by K"
-        )
-    for name, x in (("q", q), ("k_new", k_new), ("v_new", v_new)):
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(f"{name} must be a float array; got dtype {x.dtype}")
-    if mask is None:
-        return
-    mask = jnp.asarray(mask) if not hasattr(mask, "dtype") else mask
-    if mask.dtype != jnp.bool_:
-        raise TypeError(
-            f"decode mask must be boolean (True = attend); got dtype {mask.dtype}. Decoding "
-            "takes no additive float masks: pass mask != 0 or a bias-free boolean mask"
-        )
-    shape = (B, N, t, cache.max_length)
-    if mask.ndim > 4 or any(a not in (1, b) for a, b in
-                            zip(mask.shape[::-1], shape[::-1], strict=False)):
-        raise ValueError(
-            f"decode mask of shape {tuple(mask.shape)} does not broadcast to "
-            f"[B, N, t, L] = {list(shape)} (L = the cache's max_length)"
-        )
+# The step (store, then attend) lives with the decode kernel; these names stay here too.
+_STEP_NAMES = ("cached_attention", "decode_mask", "check_step_inputs", "STEP_MAX_T")
 
 
-# "auto" (and None) runs the block kernel for steps of at most this many new tokens.
-STEP_MAX_T = 16
+def __getattr__(name: str):
+    if name in _STEP_NAMES:
+        from attention_jax.kernels import decode_step
 
-
-def cached_attention(
-    q: Array,
-    k_new: Array,
-    v_new: Array,
-    cache: KVCache,
-    *,
-    valid_lengths: Array | None = None,
-    mask: Array | None = None,
-    scale: float | None = None,
-    implementation: str | None = None,
-    kv_heads: tuple[Array | int, int] | None = None,
-    block: int | None = None,
-    splits: int | None = None,
-) -> tuple[Array, KVCache]:
-    """One decoding step on projected heads: store, then attend to the cache.
-
-    Head counts come from the shapes, so a head-parallel caller passes its
-    local heads and its local slice of the cache. The new keys and values are
-    written first (in place), then the queries attend to the updated cache.
-
-    Backends: ``"decode"``, and ``"auto"`` / None for ``t <= STEP_MAX_T``, run
-    :func:`attention_jax.kernels.decode.cache_attention` (filled blocks only,
-    split-K, int8 dequantized per block, no cache-sized copy); ``"xla"``,
-    ``"blockwise"``, ``"cudnn"`` and larger prefills under ``"auto"`` read all
-    L positions (dequantized) through :func:`attention_jax.ops.dot_product_attention`.
-
-    Args:
-      q: ``[B, t, N, H]`` new queries (rope applied).
-      k_new: ``[B, t, K, H]``; v_new ``[B, t, K, V]``.
-      cache: holds ``lengths`` tokens per row before the step.
-      valid_lengths: ``[B]`` integer real tokens among the t, default t.
-      mask: optional extra boolean mask broadcastable to ``[B, N, t, L]``
-        (e.g. :func:`attention_jax.masks.sliding_window_mask` with
-        ``offset=cache.lengths``), True = attend. The kernel starts at the
-        first block the mask opens, so a window reads only the window.
-      scale, implementation: as in :func:`attention_jax.ops.dot_product_attention`.
-      kv_heads: ``(first, count)``: store all K new heads but attend with only
-        these kv heads of the cache (:func:`select_kv_heads`); default all K.
-      block, splits: the kernel's block tokens and split-K chunks (defaults:
-        :func:`~attention_jax.kernels.decode.block_tokens`, ``num_splits``).
-
-    Returns:
-      ``(out [B, t, N, V] in q's dtype, updated cache)``.
-    """
-    from attention_jax.kernels import decode
-
-    check_step_inputs(q, k_new, v_new, cache, mask, kv_heads)
-    B, t = q.shape[:2]
-    new_cache = update(cache, k_new, v_new, valid_lengths)
-    valid = new_cache.lengths - cache.lengths + (new_cache.dropped - cache.dropped)  # clipped
-    impl = implementation or ops.default_implementation()
-    visible = new_cache if kv_heads is None else select_kv_heads(new_cache, *kv_heads)
-    if impl == "decode" or (impl == "auto" and t <= STEP_MAX_T):
-        out = decode.cache_attention(
-            q, visible.k, visible.v, cache.lengths, valid, k_scale=visible.k_scale,
-            v_scale=visible.v_scale, mask=mask, scale=scale, block=block, splits=splits,
-        )
-        return out, new_cache
-    full_mask = masks.combine_masks(
-        decode_mask(cache.lengths, t, cache.max_length, valid), mask
-    )
-    k, v = read(visible, q.dtype)  # [B, L, K, H], [B, L, K, V]
-    out = ops.dot_product_attention(
-        q, k, v, full_mask, scale=scale, implementation=implementation
-    )
-    return out, new_cache
+        return getattr(decode_step, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

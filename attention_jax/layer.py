@@ -187,7 +187,9 @@ def decode_layer(
     Args:
       config, params, reduce: as in :func:`attention_layer`; the cache's heads
         must match the kernels' (a head-parallel caller passes local slices of both).
-      x: ``[B, t, D]`` new tokens; they sit at positions ``cache.lengths + arange(t)``.
+      x: ``[B, t, D]`` new tokens, written to slots ``cache.lengths + arange(t)``
+        at positions ``slot - cache.starts`` (left padding, see
+        :func:`attention_jax.cache.left_padded`).
       cache: the :class:`~attention_jax.cache.KVCache` before the step.
       mask: optional boolean mask broadcastable to ``[B, N, t, L]``.
       valid_lengths: ``[B]`` real tokens per row among the t (ragged prompts).
@@ -209,7 +211,7 @@ def _decode(config, params, x, cache, *, mask, valid_lengths, kv_heads, scale
     """Projections, cached attention, output projection: ``([B, t, Do] without o_bias, cache)``."""
     p, dtype = _cast_params(params, x, dtype=config.dtype)
     t = x.shape[1]
-    pos = kv_cache.positions(cache, t)  # [B, t]
+    pos = kv_cache.token_positions(cache, t)  # [B, t]: slot minus the row's left padding
     q, k, v = _project_qkv(p, x, x, x, dtype=dtype, rope=config.rope, positions=pos,
                            kv_positions=pos, config=config)
     if config.sliding_window is not None:  # dense [B, 1, t, L]: the kernel skips the blocks

@@ -137,8 +137,9 @@ def test_cache_is_a_typed_pytree_sized_by_kv_heads():
     assert (c.k.shape, c.v.shape, c.lengths.shape) == ((3, 5, 2, 6), (3, 5, 2, 3), (3,))
     assert c.lengths.dtype == jnp.int32 and c.k.dtype == jnp.float32 and not c.quantized
     leaves, tree = jax.tree_util.tree_flatten(c)
-    assert len(leaves) == 5  # k, v, lengths, dropped, clipped
+    assert len(leaves) == 6  # k, v, lengths, dropped, clipped, starts
     np.testing.assert_array_equal(c.dropped, [0, 0, 0])
+    np.testing.assert_array_equal(c.starts, [0, 0, 0])
     assert kv.KVCache(c.k, c.v, c.lengths).clipped.shape == (3,)  # old constructor still works
     c2 = jax.tree_util.tree_unflatten(tree, leaves)
     assert isinstance(c2, kv.KVCache)
@@ -239,7 +240,7 @@ def test_int8_bytes_per_token_half_of_bf16():
     assert c8.bytes_per_token / c16.bytes_per_token <= 0.54
     # nbytes counts every array the cache holds, lengths included
     assert c8.nbytes == sum(x.nbytes for x in jax.tree_util.tree_leaves(c8))
-    assert c8.nbytes == 4 * c8.bytes_per_token + 3 * 4  # lengths, dropped, clipped
+    assert c8.nbytes == 4 * c8.bytes_per_token + 4 * 4  # lengths, dropped, clipped, starts
 
 
 def test_decode_shape_errors():

@@ -110,18 +110,54 @@ def test_parameters_shapes_and_linen():
                                atol=1e-6)
 
 
-@pytest.mark.parametrize("option", ["window", "qk_norm_head"])
-def test_decode_equals_the_full_forward(option):
-    m = _module(4, 2, rope=10_000.0, **OPTIONS[option])
+@pytest.mark.parametrize("heads", list(HEADS))
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("implementation", ["decode", "xla"])
+def test_decode_equals_the_full_forward(heads, option, implementation):
+    """Prefill 4 then one token at a time: the decode kernel (softcap as its score_mod,
+    sinks at its merge, the window's blocks) and the einsum path over the cache."""
+    m = _module(*HEADS[heads], rope=10_000.0, implementation=implementation, **OPTIONS[option])
     x = jax.random.normal(jax.random.key(5), (B, T, D))
-    full = m(x, is_causal=True)
+    full = _module(*HEADS[heads], rope=10_000.0, **OPTIONS[option])(x, is_causal=True)
     cache = m.init_cache(B, 16)
     y0, cache = m.decode(x[:, :4], cache)
     ys = [y0]
+    step = nnx.jit(lambda mod, x, c: mod.decode(x, c))
     for i in range(4, T):
-        y, cache = m.decode(x[:, i:i + 1], cache)
+        y, cache = step(m, x[:, i:i + 1], cache)
         ys.append(y)
     np.testing.assert_allclose(np.concatenate(ys, axis=1), full, **TOL)
+
+
+@pytest.mark.parametrize("heads", ["gqa", "mqa"])
+@pytest.mark.parametrize("implementation", ["decode", "xla"])
+def test_left_padded_decode_equals_each_prompt_alone(heads, implementation):
+    """Two prompts (7 and 4 tokens) left-padded to 7 and prefilled together into a
+    ``left_padded`` cache, then 3 steps: each row equals its own unpadded forward (rope
+    positions from the first real token, padding never attended)."""
+    m = _module(*HEADS[heads], rope=10_000.0, implementation=implementation,
+                **OPTIONS["all"])
+    x = jax.random.normal(jax.random.key(6), (B, T + 3, D))
+    lengths = [7, 4]
+    pad = np.array([T - n for n in lengths])
+    prompts = jnp.stack([jnp.roll(x[b, :T], int(pad[b]), axis=0) for b in range(B)])
+    prompts = prompts.at[1, :pad[1]].set(9.0)  # padding content must not matter
+    cache = aj.cache.left_padded(m.init_cache(B, 16), jnp.asarray(pad))
+    y, cache = m.decode(prompts, cache)
+    outs = [[y[b, pad[b]:]] for b in range(B)]
+    rows = [np.asarray(x[b, :n]) for b, n in enumerate(lengths)]
+    for i in range(3):  # the next token of row b is its own next input
+        new = jnp.stack([x[b, lengths[b] + i] for b in range(B)])[:, None]
+        y, cache = m.decode(new, cache)
+        for b in range(B):
+            outs[b].append(y[b])
+            rows[b] = np.concatenate([rows[b], np.asarray(new[b])])
+    ref = _module(*HEADS[heads], rope=10_000.0, **OPTIONS["all"])  # same parameters
+    for b in range(B):
+        alone = ref(jnp.asarray(rows[b])[None], is_causal=True)[0]
+        np.testing.assert_allclose(np.concatenate(outs[b]), alone, **TOL)
+    np.testing.assert_array_equal(cache.starts, pad)
+    assert aj.cache.token_positions(cache, 1).tolist() == [[10], [7]]
 
 
 @pytest.mark.parametrize(("options", "message"), [

@@ -28,6 +28,7 @@ masks, bias and float32 softmax are those of :func:`attention_jax.ops.attention_
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -194,6 +195,10 @@ def cache_attention(
     scale: float | None = None,
     block: int | None = None,
     splits: int | None = None,
+    score_mod: Callable[..., Array] | None = None,
+    sinks: Array | None = None,
+    starts: Array | None = None,
+    head_offset: Array | int = 0,
 ) -> Array:
     """t new queries per row against a KV cache that already holds them, filled blocks only.
 
@@ -211,9 +216,9 @@ def cache_attention(
     Ragged rows: every row reads the same block range (the longest row's); a
     shorter row's unfilled positions are masked, not skipped.
 
-    Visible keys: position ``s`` is visible to query ``i`` of row ``b`` iff
-    ``s <= lengths[b] + i``, ``s < min(lengths[b] + valid_lengths[b], L)`` and
-    ``mask`` allows it (the causal mask of :func:`attention_jax.cache.decode_mask`).
+    Visible keys: slot ``s`` is visible to query ``i`` of row ``b`` iff
+    ``starts[b] <= s <= lengths[b] + i``, ``s < min(lengths[b] + valid_lengths[b], L)``
+    and ``mask`` allows it (the mask of :func:`attention_jax.cache.decode_mask`).
 
     Args:
       q: ``[B, t, N, H]`` queries at positions ``lengths + arange(t)``.
@@ -226,9 +231,16 @@ def cache_attention(
       scale: default ``1/sqrt(H)``.
       block: tokens per block, default :func:`block_tokens`.
       splits: split-K chunks, default :func:`num_splits`.
+      score_mod: ``fn(score, b, n, t, s) -> score`` on each block's scaled float32
+        logits, as in :func:`attention_jax.ops.dot_product_attention`; ``t`` / ``s``
+        are token positions (slot minus ``starts``), ``n`` the head plus ``head_offset``.
+      sinks: ``[N]`` logits joining every row's softmax denominator (no value),
+        added once, at the merge.
+      starts: ``[B]`` int32 left-padding slots per row (never visible), default 0.
+      head_offset: the global index of the first local head (head-parallel callers).
 
     Returns:
-      ``[B, t, N, V]`` in q's dtype; a query that sees no key gives zeros.
+      ``[B, t, N, V]`` in q's dtype; a query that sees no key (and no sink) gives zeros.
 
     >>> import jax.numpy as jnp
     >>> q, kv = jnp.ones((2, 1, 8, 16)), jnp.ones((2, 100, 2, 16))
@@ -248,6 +260,7 @@ def cache_attention(
     qf = (q.astype(jnp.float32) * jnp.float32(scale)).reshape(B, t, K, G, H)
 
     lengths = lengths.astype(jnp.int32)
+    starts = jnp.zeros_like(lengths) if starts is None else jnp.asarray(starts, jnp.int32)
     stored = jnp.minimum(lengths + valid_lengths.astype(jnp.int32), L)  # [B]
     hi = jnp.max(stored)  # positions to read
     if mask is not None:
@@ -261,7 +274,11 @@ def cache_attention(
         lo = jnp.int32(0)
     n_blocks = (hi - lo + block - 1) // block
     n_iter = (n_blocks + P - 1) // P  # each chunk walks this many blocks
-    qpos = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, t]
+    qpos = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, t] slots
+    if score_mod is not None:  # index arrays broadcasting to [B, K, G, t, S]
+        b_idx = jnp.arange(B, dtype=jnp.int32).reshape(B, 1, 1, 1, 1)
+        n_idx = (head_offset + jnp.arange(N, dtype=jnp.int32)).reshape(1, K, G, 1, 1)
+        t_idx = (qpos - starts[:, None])[:, None, None, :, None]
 
     def block_state(i, p):
         start = lo + (p * n_iter + i) * block  # wanted first position
@@ -272,7 +289,12 @@ def cache_attention(
         if quantized:
             ks = _read_block(k_scale, real, block)  # [B, S, K]
             s = s * ks.transpose(0, 2, 1)[:, :, None, None, :]  # [B, K, 1, 1, S]
+        if score_mod is not None:
+            s_idx = (pos[None, :] - starts[:, None])[:, None, None, None, :]  # [B, 1, 1, 1, S]
+            s = jnp.broadcast_to(score_mod(s, b_idx, n_idx, t_idx, s_idx),
+                                 s.shape).astype(jnp.float32)
         seen = ((pos[None, None, :] <= qpos[:, :, None])  # causal  [B, t, S]
+                & (pos[None, None, :] >= starts[:, None, None])  # not left padding
                 & (pos[None, None, :] < stored[:, None, None])  # stored
                 & (pos >= start)[None, None, :]  # not in the chunk's previous block
                 & (pos < lo + (p + 1) * n_iter * block)[None, None, :])  # nor the next chunk's
@@ -298,11 +320,14 @@ def cache_attention(
         return tuple(out)
 
     shape = (B, K, G, t)
-    refs = (qf, k, v, k_scale, v_scale, lengths, valid_lengths, mask)
+    refs = (qf, k, v, k_scale, v_scale, lengths, valid_lengths, mask, starts, sinks)
     init = tuple(tuple(_varying_like(x, *refs) for x in (
         jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
         jnp.zeros((*shape, V), jnp.float32))) for _ in range(P))
     states = lax.fori_loop(0, n_iter, body, init)
     m, l, acc = functools.reduce(_merge, states)
+    if sinks is not None:  # one more logit per head in the denominator, carrying no value
+        sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, K, G, 1), m.shape)
+        m, l, acc = _merge((m, l, acc), (sink, jnp.ones_like(l), jnp.zeros_like(acc)))
     out = acc / jnp.where(l == 0, 1.0, l)[..., None]  # [B, K, G, t, V]; unseen rows: 0
     return out.transpose(0, 3, 1, 2, 4).reshape(B, t, N, V).astype(q.dtype)
