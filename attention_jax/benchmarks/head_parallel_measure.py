@@ -281,6 +281,11 @@ def expected_baseline_transfers(N: int, n_devices: int, use_bias: bool = True) -
     return off * ((7 if use_bias else 4) + 1)
 
 
+# ---------------------------------------------------------------------------
+# Reference: the unsharded module on one device
+# ---------------------------------------------------------------------------
+
+
 def reference_for(cfg: Config, N: int, K: int) -> dict:
     """Forward and gradients of the unsharded module on one device."""
     module, x, ct = build(cfg, N, K)
