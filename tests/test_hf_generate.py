@@ -6,6 +6,7 @@ one-token steps) gives transformers' ``generate(do_sample=False)`` tokens, token
 Prompts are longer than the sliding windows (4), so windows cut keys in prefill and steps."""
 
 import importlib.util
+import inspect
 import json
 import pathlib
 import sys
@@ -27,7 +28,23 @@ NEW = 8  # greedy tokens per row
 PROMPTS = [[11, 42, 7, 93, 5, 60, 18], [3, 77, 25, 50]]  # lengths 7 and 4: left padding 3
 
 
-@pytest.fixture(scope="module", params=gen.DECODER_FAMILIES)
+# Decoding with soft-capping (Gemma 2) and sinks (gpt-oss) needs the cache's attention to take
+# them: until cache.cached_attention has these keywords, those families fail with a TypeError.
+NEEDS = {"gemma2": "score_mod", "gpt_oss": "sinks"}
+
+
+def _family_param(family):
+    from attention_jax import cache
+
+    keyword = NEEDS.get(family)
+    missing = keyword is not None and (
+        keyword not in inspect.signature(cache.cached_attention).parameters)
+    reason = f"attention_jax.cache.cached_attention has no {keyword!r} keyword (decode of {family})"
+    return pytest.param(family, marks=pytest.mark.xfail(missing, reason=reason, strict=True,
+                                                        raises=TypeError))
+
+
+@pytest.fixture(scope="module", params=[_family_param(f) for f in gen.DECODER_FAMILIES])
 def family_model(request):
     model = gen.tiny_model(request.param)
     return request.param, model, gen.load_decoder(model)
