@@ -123,3 +123,30 @@ def test_cache_dtypes_and_filled_cache():
     assert c.lengths.tolist() == [3, 3] and c.quantized
     with pytest.raises(ValueError, match=r"\[1, 7\].*filled=8"):
         decode.filled_cache(m, 1, 8, jnp.float32, jax.random.key(0), filled=8)
+
+
+def test_layout_section_times_both_layouts_of_the_same_attention(tmp_path):
+    result = decode.main(["--lengths", "16", *TINY, "--sections", "layout", "--out",
+                          str(tmp_path)])
+    assert result["rows"] == [] and result["partial"] == []
+    assert [(r["variant"], r["S"]) for r in result["layout"]] == [
+        ("MHA", 16), ("GQA", 16), ("MQA", 16)]
+    for r in result["layout"]:
+        assert r["max_abs_diff"] < 1e-5, r
+        for name in ("token_major", "token_major_einsum", "head_major"):
+            assert r[f"{name}_ms"] > 0
+            assert r[f"{name}_pct_of_floor"] == pytest.approx(
+                100 * r["floor_ms"] / r[f"{name}_ms"])
+    assert "head major ms" in (tmp_path / "decode_bench_cpu.md").read_text()
+
+
+def test_head_major_attention_is_the_attention_of_the_transposed_cache():
+    from attention_jax import ops
+    from attention_jax.benchmarks.decode_layout import head_major_attention
+
+    kq, kk, kv = jax.random.split(jax.random.key(5), 3)
+    q = jax.random.normal(kq, (2, 3, 8, 16))
+    k, v = (jax.random.normal(key, (2, 20, 2, 16)) for key in (kk, kv))
+    got = head_major_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+    want = ops.dot_product_attention(q, k, v, implementation="xla")
+    assert jnp.allclose(got, want, atol=1e-5)

@@ -26,7 +26,8 @@ On a GPU a timed call chains ``--inner`` steps and syncs once; times are per ste
 known nominal bandwidth, ``pct_of_hbm``. **Partial fill** (``partial``): a cache of
 the longest length holding ``shortest - 1`` tokens against a tight cache of the
 shortest length (32768 vs 1024 slots holding 1023 tokens by default;
-``--partial SLOTS FILLED``).
+``--partial SLOTS FILLED``). ``--sections layout`` adds the token-major against the
+head-major cache (:mod:`attention_jax.benchmarks.decode_layout`).
 
 Writes ``decode_bench_<backend>.json``, ``.md`` and ``.png`` under ``--out``
 (default :func:`attention_jax.cli.default_out`, a scratch folder: the committed
@@ -300,9 +301,10 @@ def run(args) -> dict:
     threads = match_threads()
     dtypes = [jnp.dtype(d) for d in args.cache_dtypes or cache_dtypes(dtype)]
     D = args.heads * args.head_dim
-    steps = len(variants(args.heads)) * len(dtypes) * (
+    steps = len(variants(args.heads)) * (len(dtypes) * (
         len(args.lengths) * ("step" in args.sections) + ("partial" in args.sections))
-    rows, partial = [], []
+        + len(args.lengths) * ("layout" in args.sections))
+    rows, partial, layout = [], [], []
     load_start = os.getloadavg()
     with progress_bar(steps, "decode") as bar:
         for name, K in variants(args.heads).items():
@@ -318,6 +320,12 @@ def run(args) -> dict:
                     bar.set_postfix_str(f"{name} {cache_dtype.name} cache, partial fill")
                     partial.append(partial_row(args, name, K, m, x, cache_dtype, ctx))
                     bar.update(1)
+            for S in args.lengths if "layout" in args.sections else ():
+                from attention_jax.benchmarks.decode_layout import layout_row
+
+                bar.set_postfix_str(f"{name} layouts, S={S}")
+                layout.append(layout_row(name, K, S, args, dtype, timed, batched))
+                bar.update(1)
     torch_version = sys.modules["torch"].__version__ if ctx["torch_device"] else None
     config = {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()}
     return dict(backend=backend, device_kind=device_kind, dtype=dtype.name, hbm_gbs=ctx["hbm_gbs"],
@@ -325,24 +333,8 @@ def run(args) -> dict:
                 torch_device=ctx["torch_device"], jax_version=jax.__version__,
                 torch_version=torch_version, load_avg_start=load_start,
                 load_avg_end=os.getloadavg(), command=" ".join(sys.argv), config=config,
-                rows=rows, partial=partial, time=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
-
-
-def time_fn(fn, repeats: int) -> float:
-    """Median seconds of ``fn()`` (which must block) after one warm-up call."""
-    return interleaved({"fn": fn}, repeats)["fn"]["median_ms"] / 1e3
-
-
-def jax_step_time(module, cache: KVCache, x, repeats: int) -> tuple[float, np.ndarray]:
-    """Median seconds of one jitted step (cache donated) and its output (float32 NumPy)."""
-    step, last = jax_step(module, cache, x)
-    return time_fn(batched(step, jax.block_until_ready, 1), repeats), last()
-
-
-def torch_step(module, cache: KVCache, x, repeats: int, torch_dtype, device):
-    """Median seconds of the torch step (in the dtype of ``x``) and its output."""
-    step, last = torch_step_fns(module, cache, x, device)
-    return time_fn(batched(step, torch_sync(device), 1), repeats), last()
+                rows=rows, partial=partial, layout=layout,
+                time=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -355,8 +347,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="default bfloat16 on GPU, float32 on CPU")
     p.add_argument("--cache-dtypes", nargs="+", default=None,
                    help="default: the dtype and the narrower of float32, bfloat16, int8")
-    p.add_argument("--sections", nargs="+", choices=("step", "partial"),
-                   default=["step", "partial"])
+    p.add_argument("--sections", nargs="+", choices=("step", "partial", "layout"),
+                   default=["step", "partial"], help="layout: token- vs head-major cache "
+                   "(attention_jax.benchmarks.decode_layout); default step partial")
     p.add_argument("--partial", type=int, nargs=2, default=None, metavar=("SLOTS", "FILLED"),
                    help="partial fill: SLOTS holding FILLED tokens vs FILLED + 1 slots "
                         "(default: the longest length holding shortest - 1)")

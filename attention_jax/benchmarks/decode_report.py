@@ -6,7 +6,8 @@ and in the markdown file (:func:`summarize`):
 * KV-cache bytes per token of each variant and cache dtype;
 * the decode step, one line per variant and S, with for each cache dtype ours,
   torch, ours' GB/s and % of the floor, and int8 over the widest cache;
-* the partial fill: a long cache holding few tokens against a tight one.
+* the partial fill: a long cache holding few tokens against a tight one;
+* with ``--sections layout``, the token-major against the head-major cache.
 
 A fourth, every measured field of every row, is in the markdown only.
 """
@@ -91,6 +92,15 @@ def partial_rows(result: dict) -> list[dict]:
             for r in result.get("partial", [])]
 
 
+def layout_rows(result: dict) -> list[dict]:
+    """The layout lines: each contender's ms and % of the floor, and their max difference."""
+    names = ("token_major", "token_major_einsum", "head_major")
+    return [{"variant": r["variant"], "S": r["S"],
+             **{f"{n.replace('_', ' ')} ms": r[f"{n}_ms"] for n in names},
+             **{f"{n.replace('_', ' ')} % floor": r[f"{n}_pct_of_floor"] for n in names},
+             "max diff": r["max_abs_diff"]} for r in result.get("layout", [])]
+
+
 def header(result: dict) -> str:
     """The run in one paragraph: device, shapes, threads, load, repetitions."""
     cfg, th = result["config"], result["threads"]
@@ -110,20 +120,28 @@ def summarize(result: dict) -> str:
              "Decode step (ms; GB/s and % of the floor are ours):", md_table(wide_rows(result))]
     if result.get("partial"):
         parts += ["Partial fill (ms):", md_table(partial_rows(result))]
-    parts += ["Every field:", md_table(long_rows(result))]
+    if result.get("layout"):
+        parts += ["Cache layout, attention only ([B, S, K, H] token-major vs [B, K, S, H]):",
+                  md_table(layout_rows(result))]
+    if result["rows"]:
+        parts += ["Every field:", md_table(long_rows(result))]
     return "\n\n".join(parts) + "\n"
 
 
 def print_tables(result: dict) -> None:
     """The three tables of the module doc, as rich tables."""
     print_table(bytes_rows(result), title="KV-cache bytes per token (one row, one layer)")
-    print_table(wide_rows(result), key_columns=3, title=(
-        f"Decode step on {result['backend']} ({result['device_kind']}), params "
-        f"{result['dtype']}: ms per step; GB/s and % of the floor (a reduction over the same "
-        "bytes) are ours"), caption=header(result))
+    if result["rows"]:
+        print_table(wide_rows(result), key_columns=3, title=(
+            f"Decode step on {result['backend']} ({result['device_kind']}), params "
+            f"{result['dtype']}: ms per step; GB/s and % of the floor (a reduction over the "
+            "same bytes) are ours"), caption=header(result))
     if result.get("partial"):
         print_table(partial_rows(result), key_columns=2,
                     title="Partial fill: a long cache holding few tokens vs a tight one")
+    if result.get("layout"):
+        print_table(layout_rows(result), key_columns=2,
+                    title="Cache layout, attention only: token-major vs head-major")
 
 
 def plot(result: dict, path: pathlib.Path) -> None:
