@@ -1,26 +1,24 @@
-"""A minimal decoder in jax.numpy around our attention, greedy generation checked against
+"""A minimal decoder in jax.numpy around our attention; greedy generation checked against
 transformers.
 
-``load_decoder(model)`` reads a transformers causal LM of :data:`DECODER_FAMILIES`: per
-layer our attention (:func:`attention_jax.interop.from_hf`, used through its config and
-parameter dict with :func:`attention_jax.layer.decode_layer`), the family's RMSNorm
-(Gemma: ``x * (1 + w)``), the gated MLP (Phi3's fused ``gate_up_proj``; gpt-oss: top-k
-routed experts with the clamped SwiGLU), Gemma's sandwich norms and embedding scale
-``sqrt(hidden)``, OLMo2's post-norms, Gemma2's final-logit soft-capping, a tied or untied
-head. :func:`generate_padded` greedy-decodes ``input_ids [B, T]`` with an ``attention_mask``
-(left padding, as transformers batches prompts) with one
+:func:`load_decoder` reads a transformers causal LM of :data:`DECODER_FAMILIES`: per layer
+our attention (:func:`attention_jax.interop.from_hf`, run by
+:func:`attention_jax.layer.decode_layer`), the family's RMSNorm (Gemma: ``x * (1 + w)``),
+gated MLP (Phi3's fused ``gate_up_proj``; gpt-oss: top-k routed experts, clamped SwiGLU),
+Gemma's sandwich norms, embedding scale and final soft-capping, OLMo2's post-norms, a tied
+or untied head. :func:`generate_padded` greedy-decodes ``input_ids [B, T]`` with an
+``attention_mask`` (left padding, as transformers batches prompts), one
 :class:`~attention_jax.cache.KVCache` per layer: each row's valid tokens are moved to the
-front and prefilled with ``valid_lengths``, so a token's cache slot is its position
-``cumsum(attention_mask) - 1``, the ``position_ids`` transformers derives from the mask;
-then one-token steps, each row at its own length. Two compiled functions per model.
+front and prefilled with ``valid_lengths`` (a token's slot is then its position
+``cumsum(attention_mask) - 1``, as transformers derives ``position_ids``), then one-token
+steps, each row at its own length. Two compiled functions per model.
 
     python experiments/hf_generate.py --model PATH --prompt "Hello" --max-new-tokens 20
     python experiments/hf_generate.py --model PATH --ids 1,2,3 --ids 4,5 --check
 
-``PATH`` is a local checkpoint folder (``from_pretrained(PATH, local_files_only=True)``,
-nothing is downloaded; ``--prompt`` needs its tokenizer, ``--ids`` does not) or
-``tiny:<family>`` (:func:`tiny_model`, the small random models of the tests); ``--check``
-compares with ``model.generate(do_sample=False)`` (exit status 1 when they differ).
+``PATH``: a local checkpoint folder (``local_files_only=True``: nothing is downloaded;
+``--prompt`` needs its tokenizer, ``--ids`` does not) or ``tiny:<family>``
+(:func:`tiny_model`); ``--check`` compares with ``model.generate(do_sample=False)``.
 """
 
 from __future__ import annotations
@@ -64,21 +62,28 @@ class DecoderSpec:
     moe: tuple[int, float, float] | None = None  # gpt-oss: (top_k, swiglu alpha, limit)
 
 
-def _np(t) -> np.ndarray:
-    return t.detach().cpu().float().numpy()
+def _np(t) -> np.ndarray:  # a copy: a view would let jax alias the torch tensor's memory
+    return np.array(t.detach().cpu().float().numpy(), copy=True)
 
 
 def load_decoder(model) -> tuple[DecoderSpec, dict[str, Any]]:
     """``(spec, weights)`` of a transformers causal LM (weights: a pytree of jnp arrays).
 
     Raises:
-      ValueError: a family outside :data:`DECODER_FAMILIES`, or an unsupported attention
-        setting (from :func:`~attention_jax.interop.from_hf`).
+      ValueError: a family outside :data:`DECODER_FAMILIES`, a setting the decoder does not
+        implement (``mlp_bias``, the activation), or an unsupported attention setting (from
+        :func:`~attention_jax.interop.from_hf`), named.
     """
     cfg = hf._text_config(model.config)
     family = "gemma3" if cfg.model_type == "gemma3_text" else cfg.model_type
     if family not in DECODER_FAMILIES:
         raise ValueError(f"model_type {family!r}: the example decoder covers {DECODER_FAMILIES}")
+    activation = getattr(cfg, "hidden_activation", None) or cfg.hidden_act
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"hidden activation {activation!r} is not supported; supported: "
+                         f"{sorted(ACTIVATIONS)}")
+    if getattr(cfg, "mlp_bias", False):
+        raise ValueError("mlp_bias=True (biases on the MLP projections) is not supported")
     base = model.model
     gemma = family in ("gemma2", "gemma3")
     layers, configs = [], []
@@ -102,7 +107,7 @@ def load_decoder(model) -> tuple[DecoderSpec, dict[str, Any]]:
     spec = DecoderSpec(
         family, tuple(configs), float(cfg.rms_norm_eps), one_plus_norm=gemma,
         embed_scale=float(cfg.hidden_size) ** 0.5 if gemma else None,
-        activation=getattr(cfg, "hidden_activation", None) or cfg.hidden_act,
+        activation=activation,
         norms=kind, final_softcap=getattr(cfg, "final_logit_softcapping", None),
         moe=(cfg.num_experts_per_tok, float(cfg.swiglu_alpha), float(cfg.swiglu_limit))
         if family == "gpt_oss" else None)
@@ -150,14 +155,9 @@ def rms_norm(x, w, spec: DecoderSpec):
     return x * (1.0 + w if spec.one_plus_norm else w)
 
 
-def _act(x, name: str):
-    if name in ("silu", "swish"):
-        return jax.nn.silu(x)
-    if name in ("gelu_pytorch_tanh", "gelu_tanh"):
-        return jax.nn.gelu(x, approximate=True)
-    if name == "gelu":
-        return jax.nn.gelu(x, approximate=False)
-    raise ValueError(f"hidden activation {name!r} is not supported")
+ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu,
+               "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+               "gelu": functools.partial(jax.nn.gelu, approximate=False)}
 
 
 def forward(spec: DecoderSpec, weights, ids, caches, valid_lengths=None):
@@ -182,7 +182,7 @@ def forward(spec: DecoderSpec, weights, ids, caches, valid_lengths=None):
         if spec.moe is not None:
             m = _moe(x, w, spec)
         else:
-            m = (_act(x @ w["gate"], spec.activation) * (x @ w["up"])) @ w["down"]  # [B, t, D]
+            m = ACTIVATIONS[spec.activation](x @ w["gate"]) * (x @ w["up"]) @ w["down"]
         if spec.norms != "pre":
             m = rms_norm(m, w["post_feedforward_layernorm"], spec)
         h = h + m
@@ -219,10 +219,8 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.
 
 
 def compact(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's valid tokens moved to the front: ``(ids [B, T], lengths [B])``.
-
-    A valid token's new index is ``cumsum(attention_mask) - 1``, its transformers position,
-    so cache slots and rope positions agree with transformers' ``generate``.
+    """Each row's valid tokens moved to the front: ``(ids [B, T], lengths [B])``; a valid
+    token's new index is ``cumsum(attention_mask) - 1``, its transformers position.
 
     Raises:
       ValueError: a row without a valid token, or with padding between valid tokens (only
@@ -262,19 +260,11 @@ def generate_padded(spec: DecoderSpec, weights, input_ids, attention_mask,
     logits, caches, lengths = prefill_logits(spec, weights, input_ids, attention_mask,
                                              width + max_new_tokens)
     token = jnp.argmax(logits[jnp.arange(len(lengths)), lengths - 1], axis=-1)  # [B]
-    out = [token]
-    _, step = _compiled(spec)
+    out, (_, step) = [token], _compiled(spec)
     for _ in range(max_new_tokens - 1):
-        logits, caches = step(weights, token[:, None], caches)
-        token = jnp.argmax(logits[:, 0], axis=-1)
-        out.append(token)
+        logits, caches = step(weights, token[:, None], caches)  # [B, 1, vocab]
+        out.append(token := jnp.argmax(logits[:, 0], axis=-1))
     return np.asarray(jnp.stack(out, axis=1))
-
-
-def generate(spec: DecoderSpec, weights, prompts: list[list[int]], max_new_tokens: int,
-             pad_id: int = 0) -> np.ndarray:
-    """Greedy continuation ``[B, max_new_tokens]`` of prompts of any lengths (>= 1)."""
-    return generate_padded(spec, weights, *left_pad(prompts, pad_id), max_new_tokens)
 
 
 def hf_generate(model, input_ids, attention_mask, max_new_tokens: int,
@@ -292,8 +282,8 @@ def hf_generate(model, input_ids, attention_mask, max_new_tokens: int,
 
 
 def tiny_config(family: str, **overrides):
-    """A small random-weights config of ``family`` (2 layers, both kinds of layer where the
-    family alternates sliding-window and global layers), eager attention."""
+    """A small config of ``family``: 2 layers (a windowed one and a global one where the family
+    alternates them), eager attention."""
     import transformers as tf
 
     kw = {**TINY, **overrides}
@@ -308,13 +298,11 @@ def tiny_config(family: str, **overrides):
         "gemma2": {"query_pre_attn_scalar": 16, "sliding_window": 4,
                    "attn_logit_softcapping": 20.0, "final_logit_softcapping": 10.0},
         "gemma3": {"query_pre_attn_scalar": 16, "sliding_window": 4,
-                   "layer_types": ["sliding_attention", "full_attention"],
-                   "rope_parameters": {
-                       "full_attention": {"rope_type": "linear", "factor": 2.0,
-                                          "rope_theta": 1e6},
+                   "layer_types": ["sliding_attention", "full_attention"], "rope_parameters": {
+                       "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
                        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
         "phi3": {"sliding_window": 4},
-        "gpt_oss": {"sliding_window": 4, "num_local_experts": 2, "num_experts_per_tok": 1,
+        "gpt_oss": {"sliding_window": 4, "num_local_experts": 3, "num_experts_per_tok": 2,
                     "attention_bias": True},
         "olmo2": {},
     }[family]
@@ -329,12 +317,10 @@ def tiny_config(family: str, **overrides):
 
 
 def tiny_model(family: str, seed: int = 0, **overrides):
-    """``AutoModelForCausalLM`` of :func:`tiny_config` with random weights of unit-scale
-    logits (linears and gpt-oss's experts ``N(0, 1/in)``, embeddings ``N(0, 1)`` (Gemma:
-    ``N(0, 0.01/hidden)``: it multiplies them by ``sqrt(hidden)`` and ties the head, so a
-    larger embedding makes the model repeat its last token), norms ``1 + N(0, 0.1)``
-    (Gemma: ``N(0, 0.1)``), sinks ``N(0, 1)``, other vectors ``N(0, 0.1)``), float32, eval
-    mode."""
+    """``AutoModelForCausalLM`` of :func:`tiny_config`, float32, eval, random weights: linears
+    and experts ``N(0, 1/in)``, embeddings ``N(0, 1)`` (Gemma ``N(0, 0.01/hidden)``: scaled by
+    ``sqrt(hidden)`` and tied, larger ones make it repeat its last token), norms
+    ``1 + N(0, 0.1)`` (Gemma ``N(0, 0.1)``), sinks ``N(0, 1)``, other vectors ``N(0, 0.1)``."""
     import torch
     import transformers as tf
 
@@ -360,7 +346,10 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     return model
 
 
-def _parse(argv):
+def main(argv: list[str] | None = None) -> int:
+    """``hf_generate.py --model PATH [--prompt TEXT | --ids 1,2,3]... [--max-new-tokens N]
+    [--check]``: prints a JSON report (family, layers, tokens, text with a tokenizer, and with
+    ``--check`` transformers' tokens and ``equal``); returns 1 when ``--check`` differs."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True,
                         help="a local checkpoint folder, or tiny:<family> (random weights)")
@@ -374,14 +363,6 @@ def _parse(argv):
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``hf_generate.py --model PATH [--prompt TEXT | --ids 1,2,3]... [--max-new-tokens N]
-    [--check]``: prints a JSON report (family, layers, tokens, text with a tokenizer, and with
-    ``--check`` transformers' tokens and ``equal``); returns 1 when ``--check`` differs."""
-    args = _parse(argv)
     prompts = [[int(t) for t in ids.split(",")] for ids in args.ids]
     tokenizer = None
     if args.model.startswith("tiny:"):
@@ -398,12 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.prompt or not prompts:
             tokenizer = tf.AutoTokenizer.from_pretrained(args.model, local_files_only=True)
             prompts += [tokenizer(p)["input_ids"] for p in args.prompt or ["Hello"]]
-    if not prompts:
-        prompts = [[1, 2, 3]]
     spec, weights = load_decoder(model)
-    pad = model.config.pad_token_id
-    pad = 0 if pad is None else int(pad)
-    ids, mask = left_pad(prompts, pad)
+    pad = int(model.config.pad_token_id or 0)
+    ids, mask = left_pad(prompts or [[1, 2, 3]], pad)
     ours = generate_padded(spec, weights, ids, mask, args.max_new_tokens)
     report: dict[str, Any] = {"family": spec.family, "layers": len(spec.attention),
                               "tokens": ours.tolist()}

@@ -106,6 +106,10 @@ def test_unsupported_family_is_named():
     model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=11))
     with pytest.raises(ValueError, match=r"model_type 'gpt2': the example decoder covers"):
         gen.load_decoder(model)
+    with pytest.raises(ValueError, match=r"mlp_bias=True \(biases on the MLP projections\)"):
+        gen.load_decoder(gen.tiny_model("llama", mlp_bias=True))
+    with pytest.raises(ValueError, match=r"hidden activation 'relu' is not supported"):
+        gen.load_decoder(gen.tiny_model("mistral", hidden_act="relu"))
 
 
 def test_main_on_a_local_checkpoint(tmp_path, capsys):
