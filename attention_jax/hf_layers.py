@@ -135,7 +135,9 @@ def from_hf(layer, config, *, layer_idx: int | None = None, rngs=None, dtype: An
     Returns:
       a :class:`~attention_jax.MultiHeadAttention` whose ``__call__(x, is_causal=True,
       positions=position_ids)`` is the layer's forward with the model's rotary embedding
-      and causal mask (sliding window included) and whose ``decode`` continues it.
+      and causal mask (sliding window included) and whose ``decode`` continues it. Its
+      dropout (``attention_dropout``) follows the layer's mode: off for a layer in
+      ``eval()`` (``deterministic=True``; ``module.train()`` turns it on).
 
     Raises:
       ValueError: an unsupported layer class, a config of another family, a configuration
@@ -153,6 +155,7 @@ def from_hf(layer, config, *, layer_idx: int | None = None, rngs=None, dtype: An
     kw = hf.attention_kwargs_from_hf(config, layer_idx)
     _check_layer(layer, kw, family)
     module = MultiHeadAttention(**kw, dtype=dtype, param_dtype=param_dtype,
+                                deterministic=not getattr(layer, "training", False),
                                 rngs=nnx.Rngs(0) if rngs is None else rngs)
     N, K, H = kw["num_heads"], kw["num_kv_heads"], kw["head_dim"]
     _interop().load_linear_weights(module, *_projections(layer, family, N, K, H))

@@ -115,7 +115,7 @@ def test_from_hf_equals_the_family_attention_forward(family):
         x, attention_mask, positions = _inputs(cfg, layer_idx)
         want = _hf_forward(family, cfg, hf_layer, layer_idx, x, attention_mask, positions)
         valid = attention_mask.numpy() == 1  # padded query rows are garbage on both sides
-        got = np.asarray(module(jnp.asarray(x.numpy()), is_causal=True, deterministic=True,
+        got = np.asarray(module(jnp.asarray(x.numpy()), is_causal=True,  # eval: no dropout
                                 mask=masks.Segments(jnp.asarray(np.where(valid, 0, -1))),
                                 positions=jnp.asarray(positions.numpy())))
         np.testing.assert_allclose(got[valid], want[valid], atol=ATOL_F32, rtol=RTOL_F32,
@@ -135,6 +135,13 @@ def test_from_hf_equals_the_family_attention_forward(family):
     assert seen == expected
     ERRORS[family] = worst
     print(f"\n{family}: max abs error vs transformers {worst:.2e}; features {sorted(seen)}")
+
+
+def test_dropout_follows_the_layer_mode():
+    cfg, hf_layer = _layer("llama", 0)  # attention_dropout=0.1
+    assert interop.from_hf(hf_layer, cfg).deterministic is True
+    module = interop.from_hf(hf_layer.train(), cfg)
+    assert module.config.dropout_rate == 0.1 and module.deterministic is False
 
 
 def test_olmo2_normalises_the_full_projection():
