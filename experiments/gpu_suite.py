@@ -13,9 +13,10 @@ past its budget is stopped and recorded as ``timeout`` / ``partial``):
    path) in a subprocess on the GPU (``JAX_PLATFORMS=cuda``, float32 matmuls at
    ``highest`` precision, as the tests' tolerances assume); outcome of every test
    id from the ``-v`` log. ``--dry-run``: collection only.
-2. ``decode``: :mod:`attention_jax.benchmarks.decode` in a subprocess (``DECODE``:
-   bf16, B=8, S = 8192 and 32768, bf16 and int8 caches, the 32768-slot cache
-   holding 1023 tokens): ours, torch, the ``jnp.sum`` floor and % of the nominal HBM
+2. ``decode``: :mod:`attention_jax.benchmarks.decode` in two subprocesses
+   (``DECODE``, ``DECODE_RUNS``: bf16, B=8, bf16 and int8 caches; the steps at
+   S = 8192 and 32768, then the 32768-slot cache holding 1023 tokens against a
+   1024-slot one): ours, torch, the ``jnp.sum`` floor and % of the nominal HBM
    bandwidth per row.
 3. ``env``: device kind, versions, ``nvidia-smi``, and two measured ceilings
    (torch: a device-to-device copy, bytes read plus written, and a bf16 matmul of
@@ -31,8 +32,9 @@ past its budget is stopped and recorded as ``timeout`` / ``partial``):
 
 The subprocess parts run before this process starts JAX on the GPU, and
 ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` keeps JAX from holding most of the card.
-Writes ``gpu_suite.json`` (after every part) and ``gpu_suite.md``, ``tests.log``,
-``decode.log`` and ``decode_bench_<backend>.json`` / ``.md`` to ``--out``.
+Writes ``gpu_suite.json`` (after every part), ``gpu_suite.md`` and ``tests.log`` to
+``--out``, and ``decode.log`` and ``decode_bench_<backend>.json`` to its folders
+``decode_step`` and ``decode_partial`` (7 files).
 """
 
 from __future__ import annotations
@@ -58,11 +60,14 @@ TOTAL_S = 470  # the whole run, under 8 minutes with the interpreter's start
 BUDGETS = {"tests": 150, "decode": 110, "env": 30, "core": 170}
 TESTS = ["tests/test_gpu.py", "tests/test_decode_kernel.py", "tests/test_cache.py",
          "tests/test_blockwise.py"]
-DECODE = ["--batch", "8", "--lengths", "8192", "32768", "--dtype", "bfloat16",
-          "--cache-dtypes", "bfloat16", "int8", "--partial", "32768", "1023",
+DECODE = ["--batch", "8", "--dtype", "bfloat16", "--cache-dtypes", "bfloat16", "int8",
           "--repeats", "10", "--inner", "20"]
-DECODE_DRY = ["--batch", "2", "--lengths", "8", "16", "--heads", "2", "--head-dim", "8",
-              "--cache-dtypes", "float32", "--repeats", "1"]
+DECODE_RUNS = {"step": ["--lengths", "8192", "32768", "--sections", "step"],
+               "partial": ["--lengths", "1024", "32768", "--sections", "partial"]}
+PARTIAL_S = 35  # the decode part's last seconds, for the partial-fill run
+# A dry run: DECODE_RUNS' options, then these (the last --lengths wins).
+DECODE_DRY = ["--batch", "2", "--heads", "2", "--head-dim", "8", "--cache-dtypes", "float32",
+              "--repeats", "1", "--lengths", "8", "16"]
 CORE = dict(H=(64, 128), T=(1024, 2048, 4096, 8192, 16384), causal=(False, True),
             tokens=16384, width=2048, xla_max_T=4096, reps=10, target_ms=2.0)
 CORE_DRY = dict(H=(16, 32), T=(64,), causal=(True,), tokens=128, width=64, xla_max_T=64,
@@ -119,17 +124,35 @@ def part_tests(args, deadline: float) -> dict:
 
 
 def part_decode(args, deadline: float) -> dict:
-    """The decode benchmark in a subprocess; its JSON result."""
-    argv = [*(DECODE_DRY if args.dry_run else DECODE), "--no-plot", "--out", str(args.out)]
-    cmd = [sys.executable, str(ROOT / "experiments" / "decode_bench.py"), *argv]
-    for old in args.out.glob("decode_bench_*.json"):
-        old.unlink()
-    status, rc = run_logged(cmd, args.out / "decode.log", child_env(args),
-                            deadline - time.perf_counter())
-    found = sorted(args.out.glob("decode_bench_*.json"))
-    result = json.loads(found[0].read_text()) if found else None
-    return {"status": status if result else "failed", "returncode": rc, "command": cmd,
-            "result": result}
+    """The decode benchmark in two subprocesses (``DECODE_RUNS``: the steps, then the
+    partial fill, which gets the last ``PARTIAL_S`` seconds of the budget), so a slow
+    first run still leaves a result; the two JSON results merged."""
+    runs, results = {}, {}
+    for label, argv in DECODE_RUNS.items():
+        out = args.out / f"decode_{label}"
+        out.mkdir(exist_ok=True)
+        for old in out.glob("decode_bench_*"):
+            old.unlink()
+        cmd = [sys.executable, str(ROOT / "experiments" / "decode_bench.py"),
+               *([*argv, *DECODE_DRY] if args.dry_run else [*DECODE, *argv]), "--no-plot",
+               "--out", str(out)]
+        until = deadline - (PARTIAL_S if label == "step" else 0)
+        status, rc = run_logged(cmd, out / "decode.log", child_env(args),
+                                until - time.perf_counter())
+        found = sorted(out.glob("decode_bench_*.json"))
+        if found:
+            results[label] = json.loads(found[0].read_text())
+        for md in out.glob("decode_bench_*.md"):  # the suite's markdown has the tables
+            md.unlink()
+        runs[label] = {"status": status if found else "failed", "returncode": rc,
+                       "command": cmd}
+    merged = results.get("step") or results.get("partial")
+    if merged is not None:
+        merged = {**merged, "partial": results.get("partial", {}).get("partial", []),
+                  "commands": {k: " ".join(r["command"]) for k, r in runs.items()}}
+    ok = all(r["status"] == "ok" for r in runs.values())
+    return {"status": "ok" if ok else "partial" if merged else "failed", "runs": runs,
+            "result": merged}
 
 
 def torch_median_ms(fn, reps: int, cuda: bool, warmup: int = 3) -> float:
@@ -155,6 +178,20 @@ def torch_median_ms(fn, reps: int, cuda: bool, warmup: int = 3) -> float:
     return float(np.median(times))
 
 
+def distributions() -> dict:
+    """Installed versions of the packages the suite depends on (None: not installed)."""
+    from importlib import metadata
+
+    out = {}
+    for name in ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin", "flax", "torch",
+                 "numpy", "ml-dtypes", "pytest"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def part_env(args, deadline: float) -> dict:
     """Device, versions, nvidia-smi and the measured copy / matmul ceilings."""
     import flax
@@ -166,8 +203,8 @@ def part_env(args, deadline: float) -> dict:
     kind = jax.devices()[0].device_kind
     info = {"status": "ok", "backend": jax.default_backend(), "device_kind": kind,
             "devices": len(jax.devices()), "jax": jax.__version__,
-            "jaxlib": getattr(jax.lib, "__version__", None), "flax": flax.__version__,
-            "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+            "flax": flax.__version__, "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda, "distributions": distributions(),
             "python": platform.python_version(), "peak": peak_for(kind),
             "load_avg": os.getloadavg()}
     try:
@@ -299,17 +336,23 @@ def part_core(args, deadline: float, env: dict | None) -> dict:
     # Coverage first: T = 1k, 4k, 16k at both H and causal settings, then the other T.
     configs = sorted(((H, c, T) for H in cfg["H"] for c in cfg["causal"] for T in cfg["T"]),
                      key=lambda x: (x[2] not in (1024, 4096, 16384), x[1], x[2], x[0]))
-    rows, skipped, last_s = [], [], 0.0
+    rows, skipped, errors, last_s = [], [], [], 0.0
     for H, causal, T in configs:
         if time.perf_counter() + last_s > deadline:
             skipped.append({"H": H, "causal": causal, "T": T})
             continue
         t0 = time.perf_counter()
-        rows += core_config(cfg, H, causal, T, ctx)
+        try:
+            rows += core_config(cfg, H, causal, T, ctx)
+        except Exception as err:  # recorded (an out-of-memory, say); the other configs run
+            errors.append({"H": H, "causal": causal, "T": T,
+                           "error": f"{type(err).__name__}: {str(err)[:500]}"})
         last_s = time.perf_counter() - t0
+        if ctx["torch_device"] == "cuda":
+            sys.modules["torch"].cuda.empty_cache()
     rows.sort(key=lambda r: (r["H"], r["causal"], r["T"], r["kind"]))
-    return {"status": "partial" if skipped else "ok", "config": cfg, "rows": rows,
-            "not_run_for_time": skipped}
+    return {"status": "partial" if skipped or errors else "ok", "config": cfg, "rows": rows,
+            "not_run_for_time": skipped, "errors": errors}
 
 
 def core_table(rows: list[dict]) -> list[dict]:

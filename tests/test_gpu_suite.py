@@ -49,8 +49,10 @@ def test_every_part_ran(dry_run):
         assert part["status"] == "ok", (name, part)
         assert 0 < part["seconds"] <= part["budget_s"] + 30, (name, part)
     assert sum(suite.BUDGETS.values()) <= suite.TOTAL_S <= 480  # 8 minutes
-    for name in ("gpu_suite.json", "gpu_suite.md", "tests.log", "decode_bench_cpu.json"):
-        assert (out / name).is_file(), name
+    files = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file())
+    assert files == ["decode_partial/decode.log", "decode_partial/decode_bench_cpu.json",
+                     "decode_step/decode.log", "decode_step/decode_bench_cpu.json",
+                     "gpu_suite.json", "gpu_suite.md", "tests.log"]  # the device sends 8 back
     assert "## Attention core" in stdout and "## Decode step" in stdout
 
 
@@ -61,8 +63,10 @@ def test_tests_part_collects_every_selected_file(dry_run):
 
 
 def test_decode_part_has_ours_torch_floor_and_partial(dry_run):
-    dec = dry_run[0]["parts"]["decode"]["result"]
-    assert dec["rows"] and dec["partial"]
+    part = dry_run[0]["parts"]["decode"]
+    assert {k: r["status"] for k, r in part["runs"].items()} == {"step": "ok", "partial": "ok"}
+    dec = part["result"]
+    assert dec["rows"] and dec["partial"] and dec["config"]["lengths"] == [8, 16]
     for row in dec["rows"]:
         for field in ("jax_ms", "torch_ms", "floor_gbs", "pct_of_floor"):
             assert row[field] > 0, (field, row)
