@@ -8,9 +8,9 @@ gated MLP (Phi3's fused ``gate_up_proj``; gpt-oss: top-k routed experts, clamped
 Gemma's sandwich norms, embedding scale and final soft-capping, OLMo2's post-norms, a tied
 or untied head. :func:`generate_padded` greedy-decodes ``input_ids [B, T]`` with an
 ``attention_mask`` (left padding, as transformers batches prompts), one
-:class:`~attention_jax.cache.KVCache` per layer: each row's valid tokens are moved to the
-front and prefilled with ``valid_lengths`` (a token's slot is then its position
-``cumsum(attention_mask) - 1``, as transformers derives ``position_ids``), then one-token
+:class:`~attention_jax.cache.KVCache` per layer: the prompts are prefilled as they are, the
+left padding marked with :func:`attention_jax.cache.left_padded` (positions then count from
+each row's first real token, transformers' ``cumsum(attention_mask) - 1``), then one-token
 steps, each row at its own length. Two compiled functions per model.
 
     python experiments/hf_generate.py --model PATH --prompt "Hello" --max-new-tokens 20
@@ -218,38 +218,38 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.
     return ids, mask
 
 
-def compact(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's valid tokens moved to the front: ``(ids [B, T], lengths [B])``; a valid
-    token's new index is ``cumsum(attention_mask) - 1``, its transformers position.
+def padding(attention_mask) -> tuple[np.ndarray, np.ndarray]:
+    """``(starts, ends)`` ``[B]``: each row's real tokens are ``starts <= i < ends``.
 
     Raises:
-      ValueError: a row without a valid token, or with padding between valid tokens (only
-        left or right padding: transformers' sliding windows count pad slots there).
+      ValueError: a row without a real token, or with padding between real tokens (left and
+        right padding only: transformers' sliding windows count the slots of the holes).
     """
-    ids, mask = np.asarray(input_ids), np.asarray(attention_mask).astype(bool)
-    if ids.shape != mask.shape or ids.ndim != 2:
-        raise ValueError(f"input_ids {ids.shape} and attention_mask {mask.shape} must be one "
-                         "[B, T] shape")
-    lengths = mask.sum(axis=1).astype(np.int32)
-    out = np.zeros_like(ids)
-    for row, (i, m) in enumerate(zip(ids, mask, strict=True)):
-        valid = np.flatnonzero(m)
-        if valid.size == 0 or valid[-1] - valid[0] + 1 != valid.size:
-            raise ValueError(f"attention_mask row {row} must hold one run of valid tokens "
+    mask = np.asarray(attention_mask).astype(bool)  # [B, T]
+    starts, ends = mask.argmax(axis=1), mask.shape[1] - mask[:, ::-1].argmax(axis=1)
+    for row, m in enumerate(mask):
+        if not m.any() or not m[starts[row]:ends[row]].all():
+            raise ValueError(f"attention_mask row {row} must hold one run of real tokens "
                              f"(left or right padding); got {m.astype(int).tolist()}")
-        out[row, :valid.size] = i[valid]
-    return out, lengths
+    return starts.astype(np.int32), ends.astype(np.int32)
 
 
 def prefill_logits(spec: DecoderSpec, weights, input_ids, attention_mask,
                    max_length: int | None = None):
-    """``(logits [B, T, vocab] at the compacted indices, caches, lengths [B])`` of a prefill
-    of padded ``input_ids`` (:func:`compact`)."""
-    ids, lengths = compact(input_ids, attention_mask)
-    caches = init_caches(spec, ids.shape[0], max_length or ids.shape[1])
+    """``(logits [B, T, vocab], caches, ends [B])`` of padded ``input_ids [B, T]`` prefilled
+    as they are: left padding through :func:`attention_jax.cache.left_padded` (those slots are
+    never attended to; positions count from each row's first real token, as transformers'
+    ``position_ids = cumsum(attention_mask) - 1``), right padding through ``valid_lengths``."""
+    ids = np.asarray(input_ids)
+    starts, ends = padding(attention_mask)
+    if ids.shape != np.shape(attention_mask):
+        raise ValueError(f"input_ids {ids.shape} and attention_mask "
+                         f"{np.shape(attention_mask)} must be one [B, T] shape")
+    caches = [kv_cache.left_padded(c, jnp.asarray(starts))
+              for c in init_caches(spec, ids.shape[0], max_length or ids.shape[1])]
     prefill, _ = _compiled(spec)
-    logits, caches = prefill(weights, jnp.asarray(ids), caches, jnp.asarray(lengths))
-    return logits, caches, lengths
+    logits, caches = prefill(weights, jnp.asarray(ids), caches, jnp.asarray(ends))
+    return logits, caches, ends
 
 
 def generate_padded(spec: DecoderSpec, weights, input_ids, attention_mask,
@@ -257,9 +257,9 @@ def generate_padded(spec: DecoderSpec, weights, input_ids, attention_mask,
     """Greedy continuation ``[B, max_new_tokens]`` of padded prompts ``input_ids [B, T]``
     (``attention_mask`` 1 on real tokens; left padding as transformers')."""
     width = np.asarray(input_ids).shape[1]
-    logits, caches, lengths = prefill_logits(spec, weights, input_ids, attention_mask,
-                                             width + max_new_tokens)
-    token = jnp.argmax(logits[jnp.arange(len(lengths)), lengths - 1], axis=-1)  # [B]
+    logits, caches, ends = prefill_logits(spec, weights, input_ids, attention_mask,
+                                          width + max_new_tokens)
+    token = jnp.argmax(logits[jnp.arange(len(ends)), ends - 1], axis=-1)  # [B]
     out, (_, step) = [token], _compiled(spec)
     for _ in range(max_new_tokens - 1):
         logits, caches = step(weights, token[:, None], caches)  # [B, 1, vocab]
