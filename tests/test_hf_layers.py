@@ -3,7 +3,8 @@ attention_jax.interop): for every family of tests/helpers.hf_configs (small conf
 code, nothing downloaded) and every layer of it, our module from ``from_hf`` equals the
 family's own transformers attention layer forward (eager, its rotary class, the causal mask
 transformers' masking_utils builds for that layer: sliding windows included, left-padded
-rows), float32; each family feature is shown to matter (turning it off moves the output);
+rows), float32, and so does ``module.decode`` on left-padded rows (prefill, then one-token
+steps); each family feature is shown to matter (turning it off moves the output);
 ``to_hf(from_hf(layer))`` writes the same tensors back; unsupported settings are errors
 naming the field."""
 
@@ -13,7 +14,7 @@ import pytest
 from flax import nnx
 
 import attention_jax as aj
-from attention_jax import hf_layers, interop, layer, masks
+from attention_jax import hf, hf_layers, interop, layer, masks
 from tests.helpers import hf_configs
 
 tf = pytest.importorskip("transformers")
@@ -135,6 +136,32 @@ def test_from_hf_equals_the_family_attention_forward(family):
     assert seen == expected
     ERRORS[family] = worst
     print(f"\n{family}: max abs error vs transformers {worst:.2e}; features {sorted(seen)}")
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_module_decode_continues_the_family_attention(family):
+    """module.decode on left-padded rows (cache.left_padded): a prefill of T - 2 tokens, then
+    two one-token steps, equals the transformers layer on all T tokens at its positions."""
+    from attention_jax import cache as kv_cache
+
+    cfg = CONFIGS[family][0]
+    layer_idx = next((i for i in range(cfg.num_hidden_layers)  # a windowed layer if any
+                      if hf.attention_kwargs_from_hf(cfg, i)["sliding_window"]), 0)
+    cfg, hf_layer = _layer(family, layer_idx)
+    module = interop.from_hf(hf_layer, cfg)
+    x, attention_mask, positions = _inputs(cfg, 7)
+    positions[0] -= 20  # decode positions count from each row's first token
+    want = _hf_forward(family, cfg, hf_layer, layer_idx, x, attention_mask, positions)
+    pad = jnp.asarray((attention_mask == 0).sum(1).numpy(), jnp.int32)
+    cache = kv_cache.left_padded(module.init_cache(3, T), pad)
+    xs = jnp.asarray(x.numpy())
+    outs = []
+    for lo, hi in ((0, T - 2), (T - 2, T - 1), (T - 1, T)):
+        y, cache = module.decode(xs[:, lo:hi], cache)
+        outs.append(np.asarray(y))
+    got, valid = np.concatenate(outs, axis=1), attention_mask.numpy() == 1
+    np.testing.assert_allclose(got[valid], want[valid], atol=ATOL_F32, rtol=RTOL_F32,
+                               err_msg=f"{family} layer {layer_idx}")
 
 
 def test_dropout_follows_the_layer_mode():
