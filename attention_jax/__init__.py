@@ -12,6 +12,7 @@ from attention_jax import (
     cache,
     config,
     convert,
+    hf,
     interop,
     kernels,
     layer,
@@ -20,6 +21,8 @@ from attention_jax import (
     ops,
     parallel,
     rope,
+    scores,
+    variants,
 )
 from attention_jax.cache import KVCache
 from attention_jax.config import AttentionConfig
@@ -51,6 +54,7 @@ __all__ = [
     "convert",
     "decode_layer",
     "dot_product_attention",
+    "hf",
     "interop",
     "kernels",
     "layer",
@@ -60,5 +64,7 @@ __all__ = [
     "padding_mask",
     "parallel",
     "rope",
+    "scores",
     "sliding_window_mask",
+    "variants",
 ]

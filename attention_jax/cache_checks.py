@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import checkify
 
 if TYPE_CHECKING:
-    from attention_jax.cache import KVCache
+    from attention_jax import cache as kv_cache
 
 Array = jax.Array
 
@@ -41,7 +41,7 @@ def resolve_valid_lengths(valid_lengths: Array | None, batch: int, t: int) -> Ar
     """``[B]`` int32 real tokens per row among t new ones: the given ones checked, or all t.
 
     Under ``jit`` the values cannot be checked: :func:`update` clips them to
-    ``[0, t]`` and counts the step in ``KVCache.clipped``.
+    ``[0, t]`` and counts the step in ``cache.clipped``.
 
     Raises:
       TypeError: for a float or boolean ``valid_lengths``.
@@ -73,12 +73,12 @@ def resolve_valid_lengths(valid_lengths: Array | None, batch: int, t: int) -> Ar
     return valid_lengths
 
 
-def check_capacity(cache: KVCache, new_tokens: Array | int) -> None:
+def check_capacity(cache: kv_cache.KVCache, new_tokens: Array | int) -> None:
     """Raises if storing ``new_tokens`` (scalar or ``[B]``) would pass ``max_length``.
 
     When the lengths are traced (inside ``jit``) nothing can be raised here:
     the step drops the tokens and counts them in ``cache.dropped`` (call
-    :meth:`KVCache.check` on the result), or, under :func:`checked`, raises
+    :meth:`~attention_jax.cache.KVCache.check` on the result), or, under :func:`checked`, raises
     through ``checkify``.
 
     Raises:
@@ -111,7 +111,7 @@ def checked(fn: Callable, **jit_kwargs) -> Callable:
     failure raises ``checkify.JaxRuntimeError`` after the step with the values.
     The checks cost a reduction and a host sync per call; without
     :func:`checked`, a jitted step records the same facts in the cache
-    (``dropped``, ``clipped``) for :meth:`KVCache.check`.
+    (``dropped``, ``clipped``) for :meth:`~attention_jax.cache.KVCache.check`.
 
     Args:
       fn: a function of arrays and pytrees (e.g. ``nnx.split`` state) that runs decode steps.
