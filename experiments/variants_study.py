@@ -75,7 +75,7 @@ class Budget:
 # The 2-core machine is shared: at 2048 and 8192 the budget only measures the cost
 # (and whether anything is learnt that fast); the accuracy comparison is at 512.
 FULL = (Budget(512, 200, 8, 64), Budget(2048, 40, 2, 8), Budget(8192, 5, 1, 2))
-QUICK = (Budget(512, 10, 4, 8),)
+QUICK = (Budget(256, 4, 2, 4),)  # a smoke run: every variant compiles and runs
 
 
 # ---------------------------------------------------------------------------
@@ -468,7 +468,8 @@ def plot(result: dict, path: pathlib.Path) -> bool:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="T=512, a few steps (< 1 minute)")
+    p.add_argument("--quick", action="store_true",
+                   help="T=256, 4 steps: a smoke run, compile-bound (~1.5 min CPU time)")
     p.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
     p.add_argument("--name", default="variants_study", help="file stem of the outputs")
     p.add_argument("--variants", default=",".join(VARIANTS))
@@ -477,7 +478,7 @@ def main(argv=None) -> dict:
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    result = run(QUICK if args.quick else FULL, names, reps=2 if args.quick else 3)
+    result = run(QUICK if args.quick else FULL, names, reps=1 if args.quick else 3)
     result["quick"] = args.quick
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / args.name
