@@ -67,6 +67,9 @@ def test_decode_part_has_ours_torch_floor_and_partial(dry_run):
     assert {k: r["status"] for k, r in part["runs"].items()} == {"step": "ok", "partial": "ok"}
     dec = part["result"]
     assert dec["rows"] and dec["partial"] and dec["config"]["lengths"] == [8, 16]
+    # a fresh process: OpenMP's threads wait passively unless the environment says otherwise
+    assert not dec["threads"]["torch_imported_before"]
+    assert dec["threads"]["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
     for row in dec["rows"]:
         for field in ("jax_ms", "torch_ms", "floor_gbs", "pct_of_floor"):
             assert row[field] > 0, (field, row)

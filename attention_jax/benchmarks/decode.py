@@ -16,7 +16,11 @@ rotating order (:func:`attention_jax.benchmarks.attention.interleaved`), so load
 from other processes hits them alike; medians are reported. torch gets as many
 intra-op threads as XLA:CPU, which sizes its (Eigen) pool by the CPUs the process
 may run on when the backend starts: :func:`match_threads` calls
-``torch.set_num_threads(len(os.sched_getaffinity(0)))`` (``taskset`` changes both).
+``torch.set_num_threads(len(os.sched_getaffinity(0)))`` (``taskset`` changes both),
+and, when torch is not imported yet, ``OMP_WAIT_POLICY=PASSIVE`` unless set: with
+OpenMP's default spinning, torch's threads wait at every barrier for a thread that
+XLA's pool or another process holds off its core (a tiny step, measured on a loaded
+2-core machine: 7.5 ms spinning, 0.05 ms passive or with one thread).
 On a GPU a timed call chains ``--inner`` steps and syncs once; times are per step.
 
 **Rows.** Cache dtypes: the parameters' dtype and every narrower one
@@ -222,7 +226,11 @@ def timed(cases: dict, reps: int, inner: int) -> dict:
 def match_threads() -> dict:
     """torch's intra-op threads set to XLA:CPU's (see the module doc); both counts."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    info = {"xla_intra_op": n, "how": "torch.set_num_threads(len(os.sched_getaffinity(0)))"}
+    info = {"xla_intra_op": n, "how": "torch.set_num_threads(len(os.sched_getaffinity(0)))",
+            "torch_imported_before": "torch" in sys.modules}
+    if not info["torch_imported_before"]:  # OpenMP reads it when torch loads
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    info["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "default")
     try:
         import torch
     except ImportError:
@@ -237,9 +245,7 @@ def torch_device_for(backend: str) -> str | None:
         import torch
     except ImportError:
         return None
-    if backend == "cpu":
-        return "cpu"
-    return "cuda" if backend == "gpu" and torch.cuda.is_available() else None
+    return "cpu" if backend == "cpu" else "cuda" if torch.cuda.is_available() else None
 
 
 def step_row(args, name, K, module, x, cache_dtype, S, filled, ctx) -> dict:
@@ -297,8 +303,8 @@ def run(args) -> dict:
     dtype = jnp.dtype(args.dtype or ("bfloat16" if backend == "gpu" else "float32"))
     nominal = next((v for k, v in HBM_GBS.items() if k in device_kind), None)
     hbm = args.hbm_gbs or (nominal if backend == "gpu" else None)
+    threads = match_threads()  # before torch_device_for imports torch
     ctx = {"torch_device": torch_device_for(backend), "hbm_gbs": hbm}
-    threads = match_threads()
     dtypes = [jnp.dtype(d) for d in args.cache_dtypes or cache_dtypes(dtype)]
     D = args.heads * args.head_dim
     steps = len(variants(args.heads)) * (len(dtypes) * (

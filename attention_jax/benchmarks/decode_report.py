@@ -108,7 +108,8 @@ def header(result: dict) -> str:
     return (f"Backend {result['backend']} ({result['device_kind']}), params {result['dtype']}, "
             f"B={cfg['batch']}, N={cfg['heads']}, H=V={cfg['head_dim']}; one decode step "
             f"(t=1), median of {cfg['repeats']} interleaved rounds ({cfg['inner']} steps per "
-            f"timed call); threads: XLA {th['xla_intra_op']}, torch {th.get('torch', 'n/a')}; "
+            f"timed call); threads: XLA {th['xla_intra_op']}, torch {th.get('torch', 'n/a')} "
+            f"(OMP_WAIT_POLICY {th.get('omp_wait_policy', 'n/a')}); "
             f"load average at start {load}; jax {result['jax_version']}, torch "
             f"{result['torch_version']}. Floor: jnp.sum over as many bytes as the step reads.")
 
