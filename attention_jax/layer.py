@@ -280,7 +280,10 @@ def _with_window(config: AttentionConfig, mask, T: int, S: int, positions, kv_po
     window = masks.SlidingWindow(config.sliding_window - 1)
     if mask is None or isinstance(mask, masks.Mask):
         return window if mask is None else mask & window
-    dense = window.dense(1, 1, T, S, q_positions=positions, kv_positions=kv_positions)
+    rows = [jnp.shape(p)[0] for p in (positions, kv_positions) if p is not None
+            and jnp.ndim(p) == 2]  # [B, T] positions: one window per row
+    dense = window.dense(max(rows, default=1), 1, T, S, q_positions=positions,
+                         kv_positions=kv_positions)
     return masks.combine_masks(mask, dense)
 
 

@@ -169,3 +169,17 @@ def test_left_padded_decode_equals_each_prompt_alone(heads, implementation):
 def test_invalid_family_options(options, message):
     with pytest.raises((ValueError, TypeError), match=message):
         aj.AttentionConfig(16, 4, **options)
+
+
+@pytest.mark.parametrize("heads", list(HEADS))
+def test_window_with_a_dense_mask_and_per_row_positions(heads):
+    """A dense padding mask, ``[B, T]`` positions and the config's window: the same
+    outputs as the padding given as a mask object (the window per row, at its positions)."""
+    m = _module(*HEADS[heads], rope=10_000.0, sliding_window=3)
+    x = jax.random.normal(jax.random.key(7), (B, T, D))
+    pos = jnp.stack([jnp.arange(T), jnp.arange(T) + 5])
+    keep = jnp.ones((B, T), bool).at[1, :2].set(False)
+    dense = m(x, is_causal=True, positions=pos, mask=keep[:, None, None, :])
+    obj = m(x, is_causal=True, positions=pos, mask=aj.masks.Segments(jnp.where(keep, 0, -1)))
+    np.testing.assert_allclose(np.asarray(dense)[:, 2:], np.asarray(obj)[:, 2:], **TOL)
+    np.testing.assert_allclose(np.asarray(dense)[0], np.asarray(obj)[0], **TOL)
