@@ -19,43 +19,8 @@ written on a ``(data, model) = (2, 4)`` mesh restores onto ``(1, 8)``: build the
 new model, place it (e.g. :func:`attention_jax.sharding.head_parallel`), build
 its optimizer, then restore into both.
 
-What is checked, and when (every error names the step and the root ``path``):
-
-================================  ==========================  ==================================
-case                              when                        result
-================================  ==========================  ==================================
-``step`` not an int >= 0 (float,  save, before writing        ValueError naming the step and the
-bool, str, None, negative)                                    latest step
-``step`` already present          save, before writing        ValueError; ``overwrite=True``
-                                                              replaces it (and deletes later
-                                                              steps)
-``step`` older than the latest    save, before writing        ValueError; ``overwrite=True``
-                                                              rolls back: deletes every step
-                                                              >= ``step``, newest first, then
-                                                              writes it
-save killed half-way              all_steps, latest_step,     the half step is a temporary
-                                  restore, save               directory: never listed; earlier
-                                                              steps intact; the step can be
-                                                              saved again
-model / optimizer of another      restore, before any file    ValueError naming every array,
-shape (e.g. ``num_kv_heads``)     but integrity/metadata      saved and expected shapes, and the
-                                  is read                     config fields that differ
-integrity/metadata missing or     restore, first              CorruptCheckpointError naming the
-not JSON                                                      file (``verify=False`` reads such
-                                                              a step unchecked)
-a file of default/ missing or     restore, before any array   CorruptCheckpointError naming the
-of another size (truncated)       is read (a ``stat`` each)   file (needs files.json)
-``_METADATA``, array metadata     restore, before any array   CorruptCheckpointError naming the
-not JSON                          is read                     file
-a file unreadable by orbax        restore, while reading      CorruptCheckpointError naming the
-(damaged b-tree node, ...)                                    array, the file and the reason;
-                                                              orbax's asyncio noise swallowed
-bytes of an array changed (the    restore, after reading,     CorruptCheckpointError:
-reader cannot tell: zstd chunks   before the model changes    ``model.o_kernel checksum mismatch``
-carry no checksum)                                            (changed since saved: FILE)
-================================  ==========================  ==================================
-
-A failed :func:`restore` leaves ``model`` and ``optimizer`` untouched. A step
+What is checked, and when, is the table of :mod:`attention_jax.checkpoint_integrity`
+(every error names the step and the root ``path``). A failed :func:`restore` leaves ``model`` and ``optimizer`` untouched. A step
 killed between the rename and ``files.json`` (a few ms) restores and verifies
 its checksums; only the naming of a damaged file is lost.
 

@@ -9,6 +9,42 @@ arrays' checksums (:func:`checksum`), the model config saved with the arrays
 the checks of orbax's own metadata before any array is read, and the naming of
 the damaged file or array when orbax fails to read one. Saving, listing and
 restoring steps stay in :mod:`attention_jax.checkpoint`.
+
+What is checked, and when (every error names the step and the root ``path``):
+
+================================  ==========================  ==================================
+case                              when                        result
+================================  ==========================  ==================================
+``step`` not an int >= 0 (float,  save, before writing        ValueError naming the step and the
+bool, str, None, negative)                                    latest step
+``step`` already present          save, before writing        ValueError; ``overwrite=True``
+                                                              replaces it (and deletes later
+                                                              steps)
+``step`` older than the latest    save, before writing        ValueError; ``overwrite=True``
+                                                              rolls back: deletes every step
+                                                              >= ``step``, newest first, then
+                                                              writes it
+save killed half-way              all_steps, latest_step,     the half step is a temporary
+                                  restore, save               directory: never listed; earlier
+                                                              steps intact; the step can be
+                                                              saved again
+model / optimizer of another      restore, before any file    ValueError naming every array,
+shape (e.g. ``num_kv_heads``)     but integrity/metadata      saved and expected shapes, and the
+                                  is read                     config fields that differ
+integrity/metadata missing or     restore, first              CorruptCheckpointError naming the
+not JSON                                                      file (``verify=False`` reads such
+                                                              a step unchecked)
+a file of default/ missing or     restore, before any array   CorruptCheckpointError naming the
+of another size (truncated)       is read (a ``stat`` each)   file (needs files.json)
+``_METADATA``, array metadata     restore, before any array   CorruptCheckpointError naming the
+not JSON                          is read                     file
+a file unreadable by orbax        restore, while reading      CorruptCheckpointError naming the
+(damaged b-tree node, ...)                                    array, the file and the reason;
+                                                              orbax's asyncio noise swallowed
+bytes of an array changed (the    restore, after reading,     CorruptCheckpointError:
+reader cannot tell: zstd chunks   before the model changes    ``model.o_kernel checksum mismatch``
+carry no checksum)                                            (changed since saved: FILE)
+================================  ==========================  ==================================
 """
 
 from __future__ import annotations
