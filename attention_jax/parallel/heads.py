@@ -65,6 +65,7 @@ from attention_jax.parallel.heads_body import (  # noqa: F401 (names of this mod
 from attention_jax.parallel.mesh import (
     CONTEXT,
     DATA,
+    MODEL,
     axis_size,
     check_batch,
     context_size,
@@ -110,6 +111,7 @@ class HeadParallelAttention(nnx.Module):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
         axis_size(mesh, DATA)
+        _check_qk_norm(module, mesh)
         self.layout = module_layout(module, mesh)
         self.context_strategy, self.context_layout = _context_options(
             module, mesh, backend, context_strategy, context_layout)
@@ -263,6 +265,17 @@ def _context_options(module, mesh: Mesh, backend: str, strategy: str | None,
         raise ValueError(f"context_strategy must be one of {CONTEXT_STRATEGIES}; got {strategy!r}")
     cp.check_layout(layout, 2)
     return strategy, layout
+
+
+def _check_qk_norm(module, mesh: Mesh) -> None:
+    """Refuses ``qk_norm="full"`` on a ``model`` axis of size > 1: its RMSNorm runs over
+    all N * H (K * H) features, which no head shard holds without a collective."""
+    m = axis_size(mesh, MODEL)
+    if module.config.qk_norm == "full" and m > 1:
+        raise ValueError(
+            f"qk_norm='full' normalises over all {module.config.num_heads} query heads "
+            f"({module.config.num_kv_heads} kv heads), which a head shard does not hold: "
+            f"it cannot run on a model axis of size {m} > 1; use qk_norm='head' or model=1")
 
 
 def _check_context_call(mesh: Mesh, layout: str, T: int, S: int, mask, return_weights,
