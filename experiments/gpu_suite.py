@@ -17,7 +17,9 @@ past its budget is stopped and recorded as ``timeout`` / ``partial``):
    (``DECODE``, ``DECODE_RUNS``: bf16, B=8, bf16 and int8 caches; the steps at
    S = 8192 and 32768, then the 32768-slot cache holding 1023 tokens against a
    1024-slot one): ours, torch, the ``jnp.sum`` floor and % of the nominal HBM
-   bandwidth per row.
+   bandwidth per row. Chained steps re-read one cache: a row whose ``kv_bytes``
+   fit in L2 (about 50 MB on Hopper; MQA at S=8192 is 17 MB) measures the cache,
+   not HBM; its % of the floor (same bytes, same effect) still compares.
 3. ``env``: device kind, versions, ``nvidia-smi``, and two measured ceilings
    (torch: a device-to-device copy, bytes read plus written, and a bf16 matmul of
    random 8192-square matrices; CUDA events, median of 10 after 3 warm-ups).
