@@ -88,13 +88,18 @@ def _import_torch(caller: str):
 
 
 def _to_numpy(x: Any) -> np.ndarray:
-    """A torch tensor, jax array or array-like as a numpy array, bits unchanged."""
+    """A torch tensor, jax array or array-like as a numpy array of its own, bits unchanged.
+
+    Always a copy: ``Tensor.numpy()`` shares the tensor's memory and ``jnp.asarray``
+    of a numpy array may too (zero-copy on CPU), so without it a later in-place
+    change of the torch tensor would change the loaded module.
+    """
     if hasattr(x, "detach"):  # a torch tensor; duck-typed so that torch is not imported
         x = x.detach().cpu()
         if str(x.dtype) == "torch.bfloat16":  # numpy has no bfloat16: widen (exactly)
             x = x.float()
-        return x.numpy()
-    return np.asarray(x)
+        return np.array(x.numpy(), copy=True)
+    return np.array(x, copy=True)
 
 
 def _linear_shape(kernel_shape: tuple[int, ...], n_in: int) -> tuple[int, int]:

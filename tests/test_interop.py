@@ -442,3 +442,21 @@ def test_import_without_torch():
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "no-torch ok" in proc.stdout
+
+
+@pytest.mark.parametrize("source", ["torch", "numpy"])
+def test_load_linear_weights_does_not_alias_the_source(source):
+    """In-place changes of the source tensors after loading leave the module unchanged
+    (``Tensor.numpy()`` shares memory; a bias reshape stays a view of it)."""
+    lin = _linear_layers(4, 2, bias=True)
+    args = lin if source == "torch" else {
+        p: (w.numpy(), b.numpy()) for p, (w, b) in lin.items()}
+    module = interop.load_linear_weights(_gqa_module(4, 2, bias=True), *(args[p] for p in "qkvo"))
+    loaded = {name: np.array(getattr(module, name)[...]) for name in PARAM_AXES}
+    with torch.no_grad():
+        for w, b in lin.values():  # the numpy arrays above share these tensors' memory too
+            w.mul_(3.0).add_(1.0)
+            b.add_(100.0)
+    for name, value in loaded.items():
+        np.testing.assert_array_equal(np.asarray(getattr(module, name)[...]), value,
+                                      err_msg=name)
