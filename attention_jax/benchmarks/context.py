@@ -17,7 +17,11 @@ Fake CPU devices share the host's cores: nothing here is timed, and no speed is
 claimed. Writes ``context.json``, ``context.md`` and ``context.png`` under ``--out``
 (default ``experiments/out/context``).
 
+    attention-jax shard --context [--quick] [--lengths 1024 4096] [--out DIR]
     python -m attention_jax.benchmarks.context [--quick] [--lengths 1024 4096] [--out DIR]
+
+(``attention-jax shard --context`` is :func:`attention_jax.benchmarks.head_parallel.main`
+handing the rest of its arguments to :func:`main`.)
 """
 
 from __future__ import annotations
@@ -200,15 +204,20 @@ def write(result: dict, out: Path) -> None:
 
 
 def main(argv=None) -> dict:
+    """Parses ``argv`` (default ``sys.argv[1:]``), runs, writes JSON, table and plot."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="T in {256, 1024}")
     parser.add_argument("--lengths", type=int, nargs="+")
     parser.add_argument("--contexts", type=int, nargs="+")
     parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES))
     parser.add_argument("--layouts", nargs="+", choices=list(cp.LAYOUTS))
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="q, k, v and the cotangent (default float32)")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else Config()
+    if args.dtype:
+        cfg = dataclasses.replace(cfg, dtype=args.dtype)
     if args.lengths:
         cfg = dataclasses.replace(cfg, lengths=tuple(args.lengths))
     for name in ("contexts", "strategies", "layouts"):

@@ -23,9 +23,14 @@ mean something. Without ``--meshes`` it runs every ``data x model`` mesh of the
 device count that the shapes allow (8 devices: 1x8 2x4 4x2 8x1).
 
 Writes ``head_parallel.json`` and ``head_parallel.png`` under ``--out``
-(default: the scratch folder :func:`attention_jax.cli.default_out`).
+(default: the scratch folder :func:`attention_jax.cli.default_out`). With
+``--context`` it runs the context-parallel benchmark instead
+(:func:`attention_jax.benchmarks.context.main` with the other arguments: per-device
+memory and collectives against T for context in {1, 2, 4, 8}, ring vs all-gather,
+contiguous vs zigzag; ``context.json``, ``context.md`` and ``context.png``).
 
     attention-jax shard [--quick] [--devices 8] [--dtype bfloat16] [--out DIR]
+    attention-jax shard --context [--quick] [--lengths 1024 4096] [--out DIR]
     python experiments/head_parallel.py [--quick] [--meshes 2x4 1x8] [--variants MQA]
 
 This module chooses the meshes and devices and runs everything (:func:`run`,
@@ -40,6 +45,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -180,7 +186,16 @@ def _mesh_arg(text: str) -> tuple[int, int]:
 
 
 def main(argv=None) -> dict:
-    """``attention-jax shard``: parses ``argv`` (default ``sys.argv[1:]``) and runs."""
+    """``attention-jax shard``: parses ``argv`` (default ``sys.argv[1:]``) and runs.
+
+    ``--context`` anywhere in ``argv`` hands the other arguments to
+    :func:`attention_jax.benchmarks.context.main` (the context-parallel benchmark).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--context" in argv:
+        from attention_jax.benchmarks import context
+
+        return context.main([a for a in argv if a != "--context"])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None,
                         help="output folder (default: experiments/out in a source checkout, "
@@ -195,6 +210,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--variants", nargs="+", choices=[v[0] for v in VARIANTS],
                         default=None, help="which of MHA GQA MQA (default all)")
     parser.add_argument("--no-plot", action="store_true", help="write no plot")
+    parser.add_argument("--context", action="store_true",
+                        help="run the context-parallel benchmark instead "
+                             "(attention_jax.benchmarks.context; its options follow)")
     args = parser.parse_args(argv)
     kwargs = dict(QUICK) if args.quick else {}
     if args.variants:
