@@ -1,9 +1,9 @@
 """The subcommands of ``attention-jax`` and its parser.
 
 :data:`EXPERIMENTS` holds one :class:`Experiment` per subcommand that fronts a
-benchmark or study (``bench``, ``decode``, ``shard``, ``variants``): a new one
-is a new entry there, and :func:`build_parser` gives it a subparser with the
-common options. ``demo`` (the main job, the default) has its own options here.
+benchmark, study or example (``bench``, ``decode``, ``shard``, ``variants``,
+``generate``): a new one is a new entry there, and :func:`build_parser` gives it a
+subparser with the common options. ``demo`` (the main job, the default) has its own options here.
 Running them (devices, loading the benchmark, ``main``) and the terminal output
 are in :mod:`attention_jax.cli`, which re-exports every name here. No JAX is
 imported.
@@ -90,6 +90,17 @@ EXPERIMENTS = {
         description=(
             "Runs the study of attention variants in experiments/variants_study.py (study "
             "code, not part of the installed package: it needs a source checkout)."),
+    ),
+    "generate": Experiment(
+        module=None, script="hf_generate.py", devices=1, dtype_default="float32",
+        summary="greedy generation of a transformers causal LM through our attention",
+        description=(
+            "Runs the example decoder of experiments/hf_generate.py (a source checkout): "
+            "--model PATH (a local checkpoint folder, nothing downloaded) or tiny:<family> "
+            "(random weights), --prompt TEXT or --ids 1,2,3 (repeatable: a left-padded "
+            "batch), --max-new-tokens N; --check compares the tokens with transformers' "
+            "generate(do_sample=False) and exits 1 when they differ. Prints a JSON report "
+            "and writes it to DIR/hf_generate.json."),
     ),
 }
 

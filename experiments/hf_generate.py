@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import pathlib
 import sys
 from typing import Any
 
@@ -360,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--check", action="store_true",
                         help="also run transformers' generate(do_sample=False) and compare")
+    parser.add_argument("--out", type=pathlib.Path, metavar="DIR",  # the CLI always gives one
+                        help="also write the report to DIR/hf_generate.json")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
@@ -392,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
         report["transformers"] = theirs.tolist()
         report["equal"] = bool((theirs == ours).all())
     print(json.dumps(report, indent=1))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "hf_generate.json").write_text(json.dumps(report, indent=1) + "\n")
     return 0 if report.get("equal", True) else 1
 
 
