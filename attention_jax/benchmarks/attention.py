@@ -290,6 +290,9 @@ def main(argv=None):
                    help="folder for bench_attention_<backend>.json and its plots (default: "
                         "experiments/out in a source checkout, else ./attention-jax-out)")
     args = p.parse_args(argv)
+    # torch with XLA's thread count and OpenMP's passive wait (see benchmarks.decode)
+    from attention_jax.benchmarks.decode import match_threads
+    args.threads = match_threads()
     args.out = default_out() if args.out is None else args.out
     args.shapes = TINY_SHAPES if args.tiny else SHAPES
     args.crossover_T = [128, 256, 384, 512, 768, 1024]
@@ -317,7 +320,8 @@ def main(argv=None):
     results = {"meta": {
         "jax": jax.__version__, "torch": torch.__version__, "device": str(jax.devices()[0]),
         "platform": platform.platform(), "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "load_avg_start": os.getloadavg(),
+        "torch_threads": torch.get_num_threads(), "threads": args.threads,
+        "load_avg_start": os.getloadavg(),
         "command": " ".join(sys.argv), "auto_einsum_max_ts": kernels.AUTO_EINSUM_MAX_TS,
         "dtype": args.dtype, "tiny": args.tiny,
     }}
