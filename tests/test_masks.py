@@ -374,3 +374,84 @@ def test_mask_errors_name_the_problem():
         M.Causal() & jnp.ones((4, 4), bool)
     with pytest.raises(ValueError, match=r"q_positions must be \[12\]"):
         ops.dot_product_attention(*_qkv(4, 2), M.Causal(), q_positions=jnp.arange(5))
+
+
+# ---------------------------------------------------------------------------
+# FromFunction: tiles classified from the function on the index grid
+# ---------------------------------------------------------------------------
+
+_CAUSAL_FN = M.FromFunction(lambda b, n, t, s: s <= t)
+
+
+@pytest.mark.parametrize(("tlen", "slen", "blocks", "where"), [
+    (16, 16, (4, 4), {}), (12, 16, (4, 4), {}), (10, 13, (4, 4), {}), (16, 16, (8, 4), {}),
+    (4, 16, (4, 4), dict(q_positions=np.arange(4) + 5)),  # a prefill chunk at 5..8
+    (12, 12, (4, 4), dict(q_positions=np.arange(12) + 2, kv_positions=np.arange(12) + 6)),
+])
+def test_from_function_equal_to_causal_skips_the_same_tiles(tlen, slen, blocks, where):
+    got = M.block_map(_CAUSAL_FN, 1, 4, tlen, slen, *blocks, **where)
+    want = M.block_map(M.Causal(), 1, 4, tlen, slen, *blocks, **where)
+    assert isinstance(got, np.ndarray)
+    np.testing.assert_array_equal(got.max((0, 1)), want.max((0, 1)))
+    counts = blockwise.tile_counts(got.max((0, 1)))
+    assert counts == blockwise.tile_counts(want.max((0, 1)))
+    assert counts["skipped"] > 0 and counts["full"] + counts["partial"] > 0
+
+
+def test_from_function_per_head_and_per_row_classes():
+    """A function of the head and the batch row: each (b, n) gets its own classes,
+    equal to the dense mask's tile by tile."""
+    fn = M.FromFunction(lambda b, n, t, s: (s <= t - 4 * n) | (b == 1))
+    cls = M.block_map(fn, 2, 3, 16, 16, 4, 4, head_offset=1)
+    dense = np.asarray(fn.dense(2, 3, 16, 16, head_offset=1)).reshape(2, 3, 4, 4, 4, 4)
+    any_, all_ = dense.any(axis=(3, 5)), dense.all(axis=(3, 5))
+    np.testing.assert_array_equal(cls, np.where(all_, M.FULL, np.where(any_, M.PARTIAL,
+                                                                        M.EMPTY)))
+    assert cls.shape == (2, 3, 4, 4) and (cls[1] == M.FULL).all()
+
+
+def test_from_function_conservative_when_traced_or_too_large(monkeypatch):
+    from attention_jax.masks import structured
+
+    everywhere = np.full((1, 1, 2, 2), M.PARTIAL)
+    x = jnp.arange(8)
+    traced = jax.jit(lambda x: M.block_map(M.FromFunction(lambda b, n, t, s: x[s] <= x[t]),
+                                           1, 1, 8, 8, 4, 4))(x)
+    np.testing.assert_array_equal(traced, everywhere)
+    monkeypatch.setattr(structured, "FROM_FUNCTION_MAX_GRID", 63)  # the grid has 64 pairs
+    np.testing.assert_array_equal(M.block_map(_CAUSAL_FN, 1, 1, 8, 8, 4, 4), everywhere)
+    monkeypatch.setattr(structured, "FROM_FUNCTION_MAX_GRID", 64)
+    np.testing.assert_array_equal(M.block_map(_CAUSAL_FN, 1, 1, 8, 8, 4, 4)[0, 0],
+                                  [[M.PARTIAL, M.EMPTY], [M.FULL, M.PARTIAL]])
+
+
+@pytest.mark.parametrize("heads", ["gqa", "mqa"])
+def test_from_function_causal_outputs_and_gradients_equal_causal(heads):
+    """The same tiles run with the same numbers: equal to Causal() on the blockwise path,
+    and to the einsum path within tolerance (forward and gradients, with sinks and ALiBi)."""
+    _compare(_CAUSAL_FN, heads=heads, mod="alibi", use_sinks=True)
+    N, K = HEADS[heads]
+    q, k, v = _qkv(N, K, seed=8, T=16, S=16)
+
+    def grads(mask):
+        return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(
+            _blockwise(q, k, v, mask) * jnp.cos(q[..., :V])), (0, 1, 2)))(q, k, v)
+
+    (l0, g0), (l1, g1) = grads(M.Causal()), grads(_CAUSAL_FN)
+    np.testing.assert_array_equal(l1, l0)
+    for a, b in zip(g1, g0, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_from_function_skipped_tiles_are_never_computed():
+    """NaN keys / values in the tiles the function hides stay out of outputs and gradients."""
+    N, K = HEADS["gqa"]
+    q, k, v = _qkv(N, K, seed=4, T=16, S=16)
+    poison = jnp.zeros((B, 16, 1, 1)).at[:, 12:].set(jnp.nan)
+    kp, vp = k + poison, v + poison
+    out = _blockwise(q[:, :12], kp, vp, _CAUSAL_FN)
+    assert np.isfinite(np.asarray(out)).all()
+    dq, dk, _ = jax.grad(lambda q, k, v: _blockwise(q[:, :12], k, v, _CAUSAL_FN).sum(),
+                         (0, 1, 2))(q, kp, vp)
+    assert np.isfinite(np.asarray(dq)).all()
+    np.testing.assert_array_equal(np.asarray(dk[:, 12:]), 0.0)

@@ -52,7 +52,10 @@ class BlockIndex:
     smallest / largest absolute query position of query block i, ``kv_lo`` /
     ``kv_hi`` the same for key block j, ``q_first`` / ``q_last`` and ``kv_first``
     / ``kv_last`` the local indices; ``xp`` is numpy (static structure, at trace
-    time) or jax.numpy (data-dependent).
+    time) or jax.numpy (data-dependent). ``q_pos`` / ``kv_pos``: every query's /
+    key's absolute position, ``[B|1, T]`` / ``[B|1, S]`` (numpy where concrete), for
+    masks that classify tiles elementwise
+    (:class:`~attention_jax.masks.structured.FromFunction`); None if not given.
     """
 
     xp: object
@@ -70,6 +73,8 @@ class BlockIndex:
     block_kv: int
     nq: int
     nk: int
+    q_pos: Array | None = None
+    kv_pos: Array | None = None
 
 
 class Mask:
@@ -235,6 +240,14 @@ def _block_bounds(xp, pos, length: int, block: int, nblocks: int):
     return pos.min(axis=-1), pos.max(axis=-1)
 
 
+def _all_positions(xp, pos, length: int):
+    """int32 ``[B|1, length]`` positions of every token (a numpy arange by default)."""
+    if pos is None:
+        return np.arange(length, dtype=np.int32)[None]
+    pos = (np if _concrete(pos) else xp).asarray(pos).astype(np.int32)
+    return pos[None] if pos.ndim == 1 else pos
+
+
 def block_map(mask: Mask | None, B: int, N: int, T: int, S: int, block_q: int, block_kv: int, *,
               q_positions=None, kv_positions=None, head_offset=0):
     """Classifies every (query block, key block) tile: ``EMPTY`` (0), ``PARTIAL`` (1), ``FULL`` (2).
@@ -243,6 +256,10 @@ def block_map(mask: Mask | None, B: int, N: int, T: int, S: int, block_q: int, b
     chunks, a layout, static positions), otherwise with jax.numpy from the data
     (segments, lengths, traced positions). A tile with padded keys (past S) is
     never FULL. Conservative: a tile may be PARTIAL when it is in fact empty or full.
+    A :class:`~attention_jax.masks.structured.FromFunction` is classified exactly, by
+    evaluating its function on every (query, key) pair, when the positions and heads
+    are concrete and the grid is small enough
+    (:data:`~attention_jax.masks.structured.FROM_FUNCTION_MAX_GRID`).
 
     Returns:
       int8 ``[B|1, N|1, nq, nk]`` (a numpy array when static).
@@ -266,7 +283,8 @@ def block_map(mask: Mask | None, B: int, N: int, T: int, S: int, block_q: int, b
         blk = BlockIndex(
             xp=xp,
             b=np.arange(B)[:, None, None, None],
-            n=(xp.asarray(head_offset) + np.arange(N))[None, :, None, None],
+            n=((np if _concrete(head_offset) else xp).asarray(head_offset)
+               + np.arange(N))[None, :, None, None],
             q_lo=q_lo[:, None, :, None], q_hi=q_hi[:, None, :, None],
             kv_lo=kv_lo[:, None, None, :], kv_hi=kv_hi[:, None, None, :],
             q_first=q_first[None, None, :, None],
@@ -274,6 +292,8 @@ def block_map(mask: Mask | None, B: int, N: int, T: int, S: int, block_q: int, b
             kv_first=kv_first[None, None, None, :],
             kv_last=(np.minimum(kv_first + block_kv, S) - 1)[None, None, None, :],
             block_q=block_q, block_kv=block_kv, nq=nq, nk=nk,
+            q_pos=_all_positions(xp, q_positions, T),
+            kv_pos=_all_positions(xp, kv_positions, S),
         )
         any_, all_ = mask.classify(blk)
         any_ = xp.broadcast_to(xp.asarray(any_, bool), xp.broadcast_shapes(

@@ -215,12 +215,71 @@ class Lengths(Mask):
 Lengths = _register(Lengths, data=("kv_lengths", "q_lengths"))
 
 
+# Tiles of a FromFunction are classified by evaluating its function on every (query,
+# key) pair, at trace time in numpy, when there are at most this many pairs (times the
+# batch rows and heads it depends on); above, every tile is partial (conservative).
+FROM_FUNCTION_MAX_GRID = 2**26
+
+
+def _concrete_numpy(x):
+    """``x`` as a numpy array, or None when it is traced."""
+    if x is None or isinstance(x, jax.core.Tracer):
+        return None
+    return np.asarray(x)
+
+
+def _grid_classes(fn, blk, max_grid: int | None = None):
+    """``(any_visible, all_visible)`` per tile ``[B|1, N|1, nq, nk]`` from ``fn`` on the full
+    index grid, one query block at a time; None when an input (or fn's result) is traced
+    or the grid is larger than ``max_grid`` (default :data:`FROM_FUNCTION_MAX_GRID`).
+
+    Padded queries (past T) are left out; padded keys (past S) count as hidden for
+    ``any`` and visible for ``all`` (:func:`~attention_jax.masks.base.block_map` makes
+    the last key block partial anyway).
+    """
+    max_grid = FROM_FUNCTION_MAX_GRID if max_grid is None else max_grid
+    b, n = _concrete_numpy(blk.b), _concrete_numpy(blk.n)
+    qp, kp = _concrete_numpy(blk.q_pos), _concrete_numpy(blk.kv_pos)
+    if any(x is None for x in (b, n, qp, kp)):
+        return None
+    bq, bk, nq, nk = blk.block_q, blk.block_kv, blk.nq, blk.nk
+    if nq * bq * nk * bk > max_grid:
+        return None
+    T, S = qp.shape[1], kp.shape[1]
+    pad = ((0, 0), (0, 0), (0, 0), (0, nk * bk - S))
+    i32 = jnp.int32
+    anys, alls = [], []
+    with jax.ensure_compile_time_eval():
+        args = [jnp.asarray(b, i32), jnp.asarray(n, i32), None,
+                jnp.asarray(kp[:, None, None, :], i32)]
+        for i in range(nq):
+            lo, hi = i * bq, min((i + 1) * bq, T)
+            args[2] = jnp.asarray(qp[:, None, lo:hi, None], i32)
+            vis = jnp.asarray(fn(*args), bool)
+            if isinstance(vis, jax.core.Tracer):
+                return None
+            vis = np.asarray(vis)
+            vis = np.broadcast_to(vis, np.broadcast_shapes(vis.shape, (1, 1, hi - lo, S)))
+            if i == 0 and vis.shape[0] * vis.shape[1] * nq * bq * nk * bk > max_grid:
+                return None  # fn reads b or n: the grid is B or N times larger
+            tiles_shape = (*vis.shape[:2], hi - lo, nk, bk)
+            anys.append(np.pad(vis, pad, constant_values=False).reshape(tiles_shape)
+                        .any(axis=(2, 4)))
+            alls.append(np.pad(vis, pad, constant_values=True).reshape(tiles_shape)
+                        .all(axis=(2, 4)))
+    return np.stack(anys, axis=2), np.stack(alls, axis=2)
+
+
 class FromFunction(Mask):
     """``fn(b, n, t, s) -> bool`` on broadcasting int32 arrays (FlexAttention's ``mask_mod``).
 
-    ``t``, ``s`` are absolute positions, ``n`` the global head. The blockwise
-    kernel evaluates it in every tile (no tile is known empty or full); prefer the
-    structured classes where they fit.
+    ``t``, ``s`` are absolute positions, ``n`` the global head. Its tiles are
+    classified (empty tiles skipped, full ones unmasked) by evaluating ``fn`` on
+    every (query, key) pair at trace time, when the positions and heads are
+    concrete, ``fn`` closes over no traced array and the grid holds at most
+    :data:`FROM_FUNCTION_MAX_GRID` pairs; otherwise every tile is evaluated
+    (partial). Prefer the structured classes where they fit: they classify from
+    bounds, at any size.
 
     >>> FromFunction(lambda b, n, t, s: (t + s) % 2 == 0).dense(1, 1, 2, 2)[0, 0].tolist()
     [[True, False], [False, True]]
@@ -230,6 +289,10 @@ class FromFunction(Mask):
 
     def evaluate(self, idx):
         return jnp.asarray(self.fn(idx.b, idx.n, idx.q_pos, idx.kv_pos), bool)
+
+    def classify(self, blk):
+        out = _grid_classes(self.fn, blk)
+        return (True, False) if out is None else out
 
 
 FromFunction = _register(FromFunction)
