@@ -68,6 +68,7 @@ from attention_jax.benchmarks.attention_cases import (  # noqa: F401 (names of t
     to_torch,
     torch_core_cases,
 )
+from attention_jax.benchmarks.attention_masks import masks_steps, section_masks
 from attention_jax.benchmarks.attention_report import plot, summary_tables
 from attention_jax.cli import default_out, print_table, progress_bar
 
@@ -266,6 +267,7 @@ SECTIONS = {
     "largest": (section_largest, lambda a: 1),
     "remat": (section_remat, lambda a: a.reps),
     "precision": (section_precision, lambda a: a.reps),
+    "masks": (section_masks, masks_steps),
 }
 
 
