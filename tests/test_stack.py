@@ -273,3 +273,23 @@ def test_errors_name_the_numbers():
                                                          rngs=nnx.Rngs(0))])
     with pytest.raises(ValueError, match=r"at least one module"):
         st.stack_modules([])
+
+
+def test_stack_compile_script_tiny_run(tmp_path):
+    """experiments/stack_compile.py --tiny runs and its three ways give the same outputs
+    (its timings are not checked: they mean nothing on a shared machine)."""
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "stack_compile.py"
+    spec = importlib.util.spec_from_file_location("stack_compile", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cache_on = jax.config.jax_enable_compilation_cache
+    assert script.main(["--tiny", "--layers", "2", "--out", str(tmp_path)]) == 0
+    assert jax.config.jax_enable_compilation_cache == cache_on
+    report = json.loads((tmp_path / "stack_compile.json").read_text())
+    assert report["outputs_equal"] is True
+    assert [(r["way"], r["layers"]) for r in report["rows"]] == [
+        ("stacked", 2), ("unrolled", 2), ("per_layer", 2)]
