@@ -17,7 +17,7 @@ import pytest
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from attention_jax import hlo, masks, ops
+from attention_jax import hlo, masks, ops, scores
 from attention_jax.parallel import context as cp
 from attention_jax.parallel import ring
 
@@ -162,6 +162,45 @@ def test_ring_sinks_gradient():
 
     got = jax.jit(jax.grad(sharded))(sinks, q, k, v)
     np.testing.assert_allclose(got, jax.grad(ref)(sinks), atol=GRAD_ATOL_F32, rtol=RTOL_F32)
+
+
+SLOPE_CASES = [("ring", "contiguous", "in_specs"), ("ring", "zigzag", "closed"),
+               ("all_gather", "zigzag", "in_specs"), ("all_gather", "contiguous", "closed")]
+
+
+@pytest.mark.parametrize("strategy,layout,how", SLOPE_CASES, ids=["-".join(c) for c in SLOPE_CASES])
+def test_score_mod_closure_gradients(strategy, layout, how):
+    """Learned ALiBi slopes closed over by score_mod get one device's gradient (summed once
+    over the devices, not once per device or per tile), passed replicated through
+    ``in_specs`` or closed over by the shard_map body; q, k, v gradients unchanged."""
+    q, k, v, w, _ = _inputs("gqa")
+    slopes = jnp.array([0.3, -0.1, 0.05, 0.2])
+    fn, seq = STRATEGIES[strategy], P("data", "context")
+    to = functools.partial(cp.to_layout, num_devices=CTX, layout=layout)
+
+    def body(sl, q, k, v):
+        return fn(q, k, v, axis_name="context", mask=masks.Causal(), layout=layout,
+                  score_mod=scores.alibi(sl))
+
+    def sharded(sl, q, k, v):
+        if how == "in_specs":
+            f = jax.shard_map(body, mesh=_mesh(), in_specs=(P(), seq, seq, seq), out_specs=seq)
+            return jnp.sum(f(sl, q, k, v) * to(w))
+        f = jax.shard_map(functools.partial(body, sl), mesh=_mesh(), in_specs=(seq,) * 3,
+                          out_specs=seq)
+        return jnp.sum(f(q, k, v) * to(w))
+
+    def ref(sl, q, k, v):
+        out = _reference(q, k, v, masks.Causal(), score_mod=scores.alibi(sl))
+        return jnp.sum(out * w)
+
+    got = jax.jit(jax.grad(sharded, argnums=(0, 1, 2, 3)))(slopes, to(q), to(k), to(v))
+    want = jax.grad(ref, argnums=(0, 1, 2, 3))(slopes, q, k, v)
+    assert float(jnp.abs(want[0]).min()) > 1.0  # a gradient that a wrong sum would show
+    np.testing.assert_allclose(got[0], want[0], rtol=2e-5, atol=GRAD_ATOL_F32, err_msg="slopes")
+    for name, g, r in zip("qkv", got[1:], want[1:], strict=True):
+        np.testing.assert_allclose(cp.from_layout(g, CTX, layout), r, atol=GRAD_ATOL_F32,
+                                   rtol=RTOL_F32, err_msg=name)
 
 
 # ---------------------------------------------------------------------------
