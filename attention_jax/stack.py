@@ -184,7 +184,8 @@ def _layer_config(module_or_config: Any) -> AttentionConfig:
 
 
 def init_stacked_cache(module_or_config: Any, num_layers: int, batch_size: int,
-                       max_length: int, dtype: Any = None) -> kv_cache.KVCache:
+                       max_length: int, dtype: Any = None, *,
+                       padding: Array | None = None) -> kv_cache.KVCache:
     """An empty cache for every layer: a :class:`~attention_jax.cache.KVCache` whose
     leaves have a leading ``[L_layers]`` axis (``k [L_layers, B, L, K, H]``).
 
@@ -194,6 +195,8 @@ def init_stacked_cache(module_or_config: Any, num_layers: int, batch_size: int,
       batch_size, max_length: B and L of each layer's cache.
       dtype: as :meth:`MultiHeadAttention.init_cache` (default the config's
         ``dtype``, else ``param_dtype``; ``jnp.int8`` for a quantized cache).
+      padding: ``[B]`` left-padding slots per row, for left-padded prompts: every
+        layer's cache is :func:`attention_jax.cache.left_padded` with it.
     """
     _check_num_layers(num_layers)
     cfg = _layer_config(module_or_config)
@@ -201,6 +204,8 @@ def init_stacked_cache(module_or_config: Any, num_layers: int, batch_size: int,
         dtype = cfg.param_dtype if cfg.dtype is None else cfg.dtype
     one = kv_cache.init_cache(batch_size, max_length, cfg.num_kv_heads, cfg.head_dim,
                               cfg.v_head_dim, dtype)
+    if padding is not None:
+        one = kv_cache.left_padded(one, padding)
     return jax.tree.map(lambda a: jnp.broadcast_to(a, (num_layers, *a.shape)).copy(), one)
 
 

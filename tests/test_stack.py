@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from attention_jax import MultiHeadAttention
+from attention_jax import cache as cache_lib
 from attention_jax import stack as st
 from attention_jax.config import AttentionConfig
 
@@ -158,6 +159,27 @@ def test_stack_decode_prefill_and_steps_equal_separate_modules(kind):
         _close(mine.k, cache.k)
         _close(mine.v, cache.v)
     assert stacked_cache.lengths.tolist() == [[T + steps, T - 2 + steps]] * L
+
+
+def test_stack_decode_left_padded_prompts_equal_separate_modules():
+    L, max_len = 2, 10
+    modules = _modules(_config(2, sliding_window=4), L, seed=5)
+    s = st.stack_modules(modules)
+    padding = jnp.array([0, 3])  # row 1: 3 padding slots before its prompt
+    caches = [cache_lib.left_padded(m.init_cache(B, max_len), padding) for m in modules]
+    stacked_cache = st.init_stacked_cache(s, L, B, max_len, padding=padding)
+    np.testing.assert_array_equal(stacked_cache.starts, [[0, 3]] * L)
+    for n, x in enumerate([_x(), _x(1, seed=30), _x(1, seed=31)]):
+        want = x
+        for i, m in enumerate(modules):
+            y, caches[i] = m.decode(want, caches[i])
+            want = want + y
+        got, stacked_cache = nnx.jit(st.stack_decode)(s, x, stacked_cache)
+        if n == 0:  # the padding slots' outputs are meaningless
+            _close(got[0], want[0])
+            _close(got[1, 3:], want[1, 3:])
+        else:
+            _close(got, want, err_msg=f"step {n}")
 
 
 def test_init_stacked_cache_is_stacked_per_layer_caches():
