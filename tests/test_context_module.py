@@ -10,6 +10,7 @@ parameter and the input.
 from __future__ import annotations
 
 import functools
+import re
 
 import chex
 import jax
@@ -159,3 +160,129 @@ def test_make_mesh_context_axis_and_errors():
         hp(jnp.ones((2, 8, D)), mask=jnp.ones((8, 8), bool))
     with pytest.raises(ValueError, match="positions / kv_positions"):
         hp(jnp.ones((2, 8, D)), positions=jnp.arange(8))
+
+
+# ---------------------------------------------------------------------------
+# Decoding with the cache's slots split over context
+# ---------------------------------------------------------------------------
+
+DEC_L = 16  # cache slots: 2 per device on (1, 1, 8), 4 on (1, 2, 4)
+DEC_PROMPT = np.array([7, 4])  # ragged prompts (right padded to 7)
+DEC_STEPS = 4  # row 0 ends at slot 11: its tokens span 6 of 8 devices
+
+
+def _dec_module(heads: str, **options) -> MultiHeadAttention:
+    N, K = HEADS[heads]
+    m = MultiHeadAttention(D, N, num_kv_heads=K, head_dim=H, rope=10_000.0, rngs=nnx.Rngs(3),
+                           **options)
+    for name in ("q_bias", "k_bias", "v_bias", "o_bias", "sinks"):
+        p = getattr(m, name, None)
+        if p is not None:  # non-zero: a bias added per device (not once) would show
+            p[...] = jax.random.normal(jax.random.key(len(name)), p.shape) * 0.5
+    return m
+
+
+def _dec_tokens():
+    return jax.random.normal(jax.random.key(7), (B, int(DEC_PROMPT.max()) + DEC_STEPS, D))
+
+
+def _dec_run(decode, cache, x, mask_fn=None):
+    """Ragged prefill, then DEC_STEPS single tokens: (outputs, cache)."""
+    p0 = int(DEC_PROMPT.max())
+    kw = {} if mask_fn is None else {"mask": mask_fn(cache, p0)}
+    y, cache = decode(x[:, :p0], cache, valid_lengths=jnp.asarray(DEC_PROMPT), **kw)
+    ys = [y]
+    for i in range(DEC_STEPS):
+        kw = {} if mask_fn is None else {"mask": mask_fn(cache, 1)}
+        y, cache = decode(x[:, p0 + i:p0 + i + 1], cache, **kw)
+        ys.append(y)
+    return ys, cache
+
+
+DECODE_CASES = [((1, 1, 8), h, {}) for h in HEADS] + [((1, 2, 4), h, {}) for h in HEADS] + [
+    ((2, 2, 2), "gqa", {"softcap": 2.0, "sinks": True, "sliding_window": 5}),
+    ((1, 2, 4), "mqa", {"dtype_cache": jnp.int8}),
+]
+
+
+@pytest.mark.parametrize(
+    "mesh_shape,heads,options", DECODE_CASES,
+    ids=["x".join(map(str, c[0])) + "-" + c[1] + "".join("-" + k for k in c[2])
+         for c in DECODE_CASES])
+def test_decode_over_context_equals_one_device(mesh_shape, heads, options):
+    """Prefill + steps with the cache's slots over ``context`` = the one-device decode
+    (outputs and the cache, gathered); each slot stored on the device that holds it."""
+    options = dict(options)
+    cache_dtype = options.pop("dtype_cache", None)
+    ref = _dec_module(heads, **options)
+    mesh = sh.make_mesh(*mesh_shape[:2], context=mesh_shape[2])
+    hp = sh.head_parallel(_dec_module(heads, **options), mesh)
+    x = _dec_tokens()
+    ys0, c0 = _dec_run(ref.decode, ref.init_cache(B, DEC_L, cache_dtype), x)
+    c1 = hp.init_cache(B, DEC_L, cache_dtype)
+    assert c1.k.sharding.spec[1] == "context"
+    for shard in c1.k.addressable_shards:
+        assert shard.data.shape[1] == DEC_L // mesh_shape[2]  # slots split, not copied
+    step = nnx.jit(lambda hp, x, c, **kw: hp.decode(x, c, **kw), donate_argnums=2)
+    ys1, c1 = _dec_run(lambda x, c, **kw: step(hp, x, c, **kw), c1, x)
+    for y0, y1 in zip(ys0, ys1, strict=True):
+        chex.assert_trees_all_close(y1, y0, atol=ATOL_F32, rtol=RTOL_F32)
+    assert c1.k.sharding.spec[1] == "context"
+    np.testing.assert_array_equal(c1.lengths, DEC_PROMPT + DEC_STEPS)
+    if cache_dtype is None:
+        chex.assert_trees_all_close(c1, c0, atol=ATOL_F32, rtol=RTOL_F32)
+    else:  # a rounding tie may fall the other way: one quantization step
+        assert int(jnp.max(jnp.abs(c1.k.astype(jnp.int32) - c0.k.astype(jnp.int32)))) <= 1
+
+
+def test_decode_over_context_with_a_mask_and_left_padding():
+    """A dense [B, 1, t, L] mask (sharded over context with the slots) and left-padded rows."""
+    from attention_jax import cache as kv_cache
+
+    ref, hp = _dec_module("gqa"), sh.head_parallel(_dec_module("gqa"),
+                                                    sh.make_mesh(1, 2, context=4))
+    pad = jnp.array([0, 3])
+
+    def window(cache, t):
+        return masks.sliding_window_mask(t, DEC_L, window=4, offset=cache.lengths)
+
+    x = _dec_tokens()
+    ys0, _ = _dec_run(ref.decode, kv_cache.left_padded(ref.init_cache(B, DEC_L), pad), x, window)
+    ys1, _ = _dec_run(hp.decode, kv_cache.left_padded(hp.init_cache(B, DEC_L), pad), x, window)
+    for y0, y1 in zip(ys0, ys1, strict=True):
+        chex.assert_trees_all_close(y1, y0, atol=ATOL_F32, rtol=RTOL_F32)
+
+
+@pytest.mark.parametrize("mesh_shape,heads", [((1, 1, 8), "gqa"), ((1, 2, 4), "mha"),
+                                              ((1, 2, 4), "mqa")],
+                         ids=["1x1x8-gqa", "1x2x4-mha", "1x2x4-mqa"])
+def test_decode_step_hlo_one_small_collective_over_context(mesh_shape, heads):
+    """One step: one all-reduce over ``context`` of ``[c, B, t, N/model, V+1]`` floats (the
+    partials), the psum over ``model``, and no all-gather (of the cache or anything)."""
+    mesh = sh.make_mesh(*mesh_shape[:2], context=mesh_shape[2])
+    hp = sh.head_parallel(_dec_module(heads), mesh)
+    graphdef, state = nnx.split(hp)
+
+    def step(state, x, cache):
+        return nnx.merge(graphdef, state).decode(x, cache)
+
+    def compiled(length):
+        cache = hp.init_cache(B, length)
+        return jax.jit(step).lower(state, _dec_tokens()[:, :1], cache).compile()
+
+    def all_reduce_sizes(text):
+        return sorted(int(np.prod([int(d) for d in m.split(",") if d]))
+                      for m in re.findall(r"f32\[([\d,]*)\][^\n]*all-reduce\(", text))
+
+    short, long = compiled(DEC_L), compiled(8 * DEC_L)
+    summary = sh.collective_summary(short, mesh)
+    want = {"all-reduce@context": 1}
+    if mesh_shape[1] > 1:
+        want["all-reduce@model"] = 1
+    assert summary == want, summary
+    assert sh.collective_summary(long, mesh) == want
+    c, N = mesh_shape[2], HEADS[heads][0]
+    partials = c * B * 1 * (N // mesh_shape[1]) * (H + 1)  # [c, B, t, N/model, V+1]
+    sizes = all_reduce_sizes(short.as_text())
+    assert partials in sizes and max(sizes) <= max(partials, B * D), (sizes, partials)
+    assert all_reduce_sizes(long.as_text()) == sizes  # nothing grows with the cache

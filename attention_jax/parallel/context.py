@@ -427,21 +427,39 @@ def context_decode_attention(q: Array, k_cache: Array, v_cache: Array, lengths: 
     out, lse = blockwise.block_forward(q, k_cache, v_cache, m, score_mod=score_mod,
                                        q_positions=q_positions, kv_positions=kv_pos,
                                        head_offset=head_offset, scale=scale)
+    out, _ = merge_over(out, lse, axis_name, sinks)
+    return out.astype(q.dtype)
+
+
+def merge_over(out: Array, lse: Array, axis_name: str, sinks: Array | None = None
+               ) -> tuple[Array, Array]:
+    """Merges every device's partial attention over ``axis_name`` in **one** collective.
+
+    Args:
+      out: ``[B, T, N, V]`` this device's normalised partial output (its keys only).
+      lse: ``[B, T, N]`` its log-sum-exp (``-inf`` for rows that saw none of its keys).
+      axis_name: the mesh axis the keys are split over (P devices).
+      sinks: ``[N]`` sink logits joined after the merge, or None.
+
+    Returns:
+      ``(out [B, T, N, V], lse [B, T, N])`` float32, the same on every device of the
+      axis: a psum of the ``[P, B, T, N, V+1]`` partials, each device filling its row
+      (an all-gather whose result shard_map knows to be invariant over the axis).
+    """
+    P, i = lax.axis_size(axis_name), lax.axis_index(axis_name)
     packed = jnp.concatenate([out, lse[..., None]], axis=-1)  # [B, T, N, V+1]
-    # [P, B, T, N, V+1]: each device fills its row, one psum (an all-gather whose result
-    # shard_map knows to be the same on every device of the axis): the one collective.
     rows = jnp.zeros((P, *packed.shape), packed.dtype).at[i].set(packed)
     packed = lax.psum(rows, axis_name)
     out, lse = merge_all(packed[..., :-1], packed[..., -1])
     if sinks is not None:
         s = jnp.broadcast_to(sinks.astype(jnp.float32), lse.shape)
         out, lse = blockwise.merge_partials(out, lse, jnp.zeros_like(out), s)
-    return out.astype(q.dtype)
+    return out, lse
 
 
 __all__ = [
     "LAYOUTS", "GlobalLengths", "all_gather_attention", "bind_score_mod", "check_layout",
     "chunk_ids", "computed_tiles", "context_decode_attention", "convert_score_mod",
-    "from_layout", "kv_data", "layout_permutation", "local_mask", "merge_all", "positions",
-    "prepare_mask", "to_layout", "visible",
+    "from_layout", "kv_data", "layout_permutation", "local_mask", "merge_all", "merge_over",
+    "positions", "prepare_mask", "to_layout", "visible",
 ]
