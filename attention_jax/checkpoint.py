@@ -20,9 +20,10 @@ new model, place it (e.g. :func:`attention_jax.sharding.head_parallel`), build
 its optimizer, then restore into both.
 
 What is checked, and when, is the table of :mod:`attention_jax.checkpoint_integrity`
-(every error names the step and the root ``path``). A failed :func:`restore` leaves ``model`` and ``optimizer`` untouched. A step
-killed between the rename and ``files.json`` (a few ms) restores and verifies
-its checksums; only the naming of a damaged file is lost.
+(every error names the step and the root ``path``). A failed :func:`restore`
+leaves ``model`` and ``optimizer`` untouched. A step killed between the rename
+and ``files.json`` (a few ms) restores and verifies its checksums; only the
+naming of a damaged file is lost.
 
 Cost: :func:`save` brings each array's *global* value to the host once
 (``np.asarray``; across processes ``multihost_utils.process_allgather``) and
