@@ -22,6 +22,7 @@ from attention_jax import (
     parallel,
     rope,
     scores,
+    stack,
     variants,
 )
 from attention_jax.cache import KVCache
@@ -66,5 +67,6 @@ __all__ = [
     "rope",
     "scores",
     "sliding_window_mask",
+    "stack",
     "variants",
 ]

@@ -5,8 +5,9 @@ Subcommands::
   attention-jax [demo] [--seq-len T] [--batch B] ...   the main job (the default)
   attention-jax bench  [--quick | --tiny] ...          attention_jax.benchmarks.attention
   attention-jax decode [--quick] ...                   attention_jax.benchmarks.decode
-  attention-jax shard  [--quick] ...                   attention_jax.benchmarks.head_parallel
+  attention-jax shard  [--quick] [--context] ...       attention_jax.benchmarks.head_parallel
   attention-jax variants ...                           experiments/variants_study.py
+  attention-jax generate --model PATH [--check] ...    experiments/hf_generate.py
 
 Every subcommand takes ``--devices N`` (fake CPU devices, requested before JAX
 starts; on a machine with an accelerator its devices stay the default),
