@@ -55,8 +55,8 @@ MASK_SHAPES = {
     "tiny": dict(B=1, T=1024, N=2, H=16, window=64, docs=8,
                  largest_T=(512, 1024, 2048, 4096), largest_window=256),
 }
-# The real run of ``largest`` takes the largest T whose temporary + argument + output
-# bytes (from the compiled program) stay under this.
+#: The real run of ``largest`` takes the largest T whose temporary + argument + output
+#: bytes (from the compiled program) stay under this.
 MEMORY_BUDGET = 4 * 10**9
 # The bars: time ratios to plain causal, and the memory ratio of every mask.
 TIME_BARS = {"window": 0.2, "segments": 0.25}

@@ -215,9 +215,9 @@ class Lengths(Mask):
 Lengths = _register(Lengths, data=("kv_lengths", "q_lengths"))
 
 
-# Tiles of a FromFunction are classified by evaluating its function on every (query,
-# key) pair, at trace time in numpy, when there are at most this many pairs (times the
-# batch rows and heads it depends on); above, every tile is partial (conservative).
+#: Tiles of a FromFunction are classified by evaluating its function on every (query,
+#: key) pair at trace time when there are at most this many pairs (times the batch
+#: rows and heads it depends on); above, every tile is partial (conservative).
 FROM_FUNCTION_MAX_GRID = 2**26
 
 
