@@ -12,7 +12,7 @@ Every (query chunk, key chunk) pair whose tiles are all masked at the global pos
 (causal, window, segments, lengths) is skipped by ``lax.cond``, not computed and dropped.
 
 The arrays a ``score_mod`` closes over (learned ALiBi slopes, ...) are operands of the
-``custom_vjp`` (:func:`attention_jax.parallel.context.convert_score_mod`): their
+``custom_vjp`` (:func:`attention_jax.parallel.closures.convert_score_mod`): their
 cotangents are summed over the ring steps on each device, then once over the devices.
 
 The backward pass (``jax.custom_vjp``) walks the same ring: each device computes its
@@ -162,7 +162,7 @@ def _pair_backward(q, k, v, out, lse, dout, mask, *, sm_fn, consts, q_positions,
     Args:
       q, k, v, out, lse, dout, mask, q_positions, kv_positions, head_offset, scale,
         block_q, block_kv: as in :func:`attention_jax.kernels.blockwise.block_backward`.
-      sm_fn, consts: from :func:`attention_jax.parallel.context.convert_score_mod`.
+      sm_fn, consts: from :func:`attention_jax.parallel.closures.convert_score_mod`.
 
     Returns:
       ``(dq, dk, dv, dconsts)`` float32; ``dconsts`` the cotangents of the floating consts.
