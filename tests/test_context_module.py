@@ -286,3 +286,20 @@ def test_decode_step_hlo_one_small_collective_over_context(mesh_shape, heads):
     sizes = all_reduce_sizes(short.as_text())
     assert partials in sizes and max(sizes) <= max(partials, B * D), (sizes, partials)
     assert all_reduce_sizes(long.as_text()) == sizes  # nothing grows with the cache
+
+
+def test_decode_over_context_cache_length_and_a_placed_cache():
+    hp = sh.head_parallel(_dec_module("gqa"), sh.make_mesh(1, 2, context=4))
+    one_device = _dec_module("gqa").init_cache(B, 14)
+    with pytest.raises(ValueError, match="max_length 14 is not divisible by the context axis "
+                                         "size 4"):
+        sh.shard_cache(one_device, hp.module, hp.mesh)
+    # a cache prefilled on one device, placed over context, continues there
+    ref, x = _dec_module("gqa"), _dec_tokens()
+    _, c0 = ref.decode(x[:, :6], ref.init_cache(B, 16))
+    c1 = sh.shard_cache(c0, hp.module, hp.mesh)
+    assert c1.k.sharding.spec == jax.sharding.PartitionSpec("data", "context", "model", None)
+    y0, c0 = ref.decode(x[:, 6:7], c0)
+    y1, c1 = hp.decode(x[:, 6:7], c1)
+    chex.assert_trees_all_close(y1, y0, atol=ATOL_F32, rtol=RTOL_F32)
+    chex.assert_trees_all_close(c1, c0, atol=ATOL_F32, rtol=RTOL_F32)
