@@ -63,3 +63,41 @@ def test_score_mods_see_global_heads_and_train_their_arrays():
     np.testing.assert_allclose(got, want, rtol=1e-5)
     np.testing.assert_allclose(g_got, g_want, atol=1e-5, rtol=1e-4)
     assert np.abs(np.asarray(g_want)).max() > 0  # the slopes get a gradient at all
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="known bug: the blockwise kernel's backward inside "
+                   "shard_map psums a replicated closed-over array's cotangent per tile "
+                   "(jax.vjp of the invariant constant) and again in sum_to: the gradient "
+                   "comes out times the axis size (ring / all-gather have their own fix in "
+                   "parallel/closures.py)")
+@pytest.mark.parametrize("axes", [("data",), ("model",)])
+def test_blockwise_in_shard_map_closed_over_array_gradient_counted_once(axes):
+    """A score_mod closing over an array that every device holds whole (learned ALiBi
+    slopes, ``in_specs=P()``): its gradient through the blockwise kernel inside
+    ``jax.shard_map`` equals the one-device gradient (it was multiplied by the axis size)."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((8,), axes)
+    q = jax.random.normal(jax.random.key(2), (8, 16, 4, 8))
+    kv = jax.random.normal(jax.random.key(3), (8, 16, 2, 8))
+    slopes = jnp.asarray(scores.alibi_slopes(4), jnp.float32)
+
+    def loss(slopes, q, kv):
+        y = aj.dot_product_attention(q, kv, kv, is_causal=True, score_mod=scores.alibi(slopes),
+                                     implementation="blockwise")
+        return jnp.sum(jnp.sin(y))
+
+    want = jax.grad(loss)(slopes, q, kv)
+
+    def local(slopes, q, kv):  # batch rows split over the axis: the losses add up
+        return jax.lax.psum(loss(slopes, q, kv), axes[0])
+
+    sharded = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axes[0]), P(axes[0])),
+                                    out_specs=P()))
+    rows = jax.sharding.NamedSharding(mesh, P(axes[0]))
+    q, kv = jax.device_put(q, rows), jax.device_put(kv, rows)
+    slopes = jax.device_put(slopes, jax.sharding.NamedSharding(mesh, P()))
+    with jax.set_mesh(mesh):
+        got = jax.grad(lambda s: sharded(s, q, kv))(slopes)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
