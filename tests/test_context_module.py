@@ -294,6 +294,9 @@ def test_decode_over_context_cache_length_and_a_placed_cache():
     with pytest.raises(ValueError, match="max_length 14 is not divisible by the context axis "
                                          "size 4"):
         sh.shard_cache(one_device, hp.module, hp.mesh)
+    with pytest.raises(ValueError, match="max_length 14 is not divisible by the context axis "
+                                         "size 4"):
+        hp.init_cache(B, 14)  # named by the module too (not jax's IndivisibleError)
     # a cache prefilled on one device, placed over context, continues there
     ref, x = _dec_module("gqa"), _dec_tokens()
     _, c0 = ref.decode(x[:, :6], ref.init_cache(B, 16))

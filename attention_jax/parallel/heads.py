@@ -186,6 +186,7 @@ class HeadParallelAttention(nnx.Module):
         As :meth:`MultiHeadAttention.init_cache`; ``batch_size`` must divide over ``data``.
         """
         check_batch(batch_size, self.mesh)
+        heads_decode.check_cache_length(max_length, self.mesh)  # slots over `context`
         module = self.module
         abstract = jax.eval_shape(lambda: module.init_cache(batch_size, max_length, dtype))
         specs = heads_decode.cache_specs(module, self.mesh, quantized=abstract.quantized)
@@ -205,7 +206,8 @@ class HeadParallelAttention(nnx.Module):
         """As :meth:`MultiHeadAttention.decode`, each device with its heads' slice of the cache.
 
         Always runs through ``jax.shard_map`` (also for a ``backend="pmap"``
-        module): one psum over ``model`` per step, nothing else communicated.
+        module): one psum over ``model`` per step, plus on a context mesh one small psum
+        of the partial outputs over ``context``.
         The cache stays in (or is moved to) the layout of :func:`cache_specs`.
 
         Args:
