@@ -166,6 +166,9 @@ class AttentionConfig:
         sliding window, causal), combined with the call's mask; None, off.
       sinks: a learned ``[N]`` sink logit per query head in the softmax
         denominator (gpt-oss; parameter ``sinks``, initialised to 0).
+      qk_norm_offset: the q/k RMSNorm multiplies by ``qk_norm_offset + w``: 0 (the
+        plain ``w``, initialised to 1) or 1.0 for Gemma 3's ``1 + w`` (``w``
+        initialised to 0), so its checkpoints load and save bit for bit.
 
     Raises:
       TypeError: a size that is not an int (e.g. ``d_model / 8``).
@@ -197,6 +200,7 @@ class AttentionConfig:
     softcap: float | None = None
     sliding_window: int | None = None
     sinks: bool = False
+    qk_norm_offset: float = 0.0
 
     def __post_init__(self):
         def resolve(name: str, value: Any) -> None:
@@ -260,6 +264,11 @@ class AttentionConfig:
                                               optional=True))
         if not isinstance(self.sinks, bool):
             raise TypeError(f"sinks must be a bool; got {self.sinks!r}")
+        offset = self.qk_norm_offset
+        if isinstance(offset, bool) or not isinstance(offset, numbers.Real) or not (
+                math.isfinite(offset)):
+            raise ValueError(f"qk_norm_offset must be a finite number; got {offset!r}")
+        resolve("qk_norm_offset", float(offset))
         for name in ("dtype", "param_dtype"):
             value = getattr(self, name)
             if value is not None:

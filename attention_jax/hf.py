@@ -251,6 +251,7 @@ def attention_kwargs_from_hf(hf_config, layer_idx: int = 0) -> dict[str, Any]:
         "rope": rope_from_hf(cfg, layer_idx),
         "qk_norm": qk_norm,
         "qk_norm_eps": float(getattr(cfg, "rms_norm_eps", 1e-6)),
+        "qk_norm_offset": 1.0 if family == "gemma3" else 0.0,  # Gemma 3: x * (1 + w)
         "softcap": getattr(cfg, "attn_logit_softcapping", None) if gemma else None,
         "sliding_window": window,
         "sinks": family == "gpt_oss",

@@ -7,7 +7,7 @@ attention layer of the families of :data:`attention_jax.hf.FAMILIES` (``LlamaAtt
 model config: the settings come from :func:`attention_jax.hf.attention_kwargs_from_hf`, the
 weights from the layer (Linear layout ``[out, in]`` through
 :func:`attention_jax.interop.load_linear_weights`; Phi3's fused ``qkv_proj`` split by rows
-``[q; k; v]``), the q/k RMSNorm scales (Gemma3's ``1 + weight`` stored as the plain scale),
+``[q; k; v]``), the q/k RMSNorm scales (Gemma 3's ``weight`` as it is, with ``qk_norm_offset=1.0``),
 and gpt-oss's sinks. :func:`to_hf` writes a module's weights back into such a layer.
 
 Weight mapping (N query heads, K kv heads, H head size, D width):
@@ -17,7 +17,7 @@ transformers                       ours
 =================================  ==========================================
 ``q_proj.weight [N*H, D]``          ``q_kernel [D, N, H]`` (k, v, o alike)
 ``qkv_proj.weight [(N+2K)*H, D]``   ``q_kernel``, ``k_kernel``, ``v_kernel`` (Phi3)
-``q_norm.weight [H]``               ``q_norm [H]`` (Gemma3: ``1 + weight``)
+``q_norm.weight [H]``               ``q_norm [H]`` (Gemma 3: the same, ``qk_norm_offset=1.0``)
 ``q_norm.weight [N*H]``             ``q_norm [N, H]`` (OLMo2, ``qk_norm="full"``)
 ``sinks [N]``                       ``sinks [N]`` (gpt-oss)
 =================================  ==========================================
@@ -42,7 +42,6 @@ LAYER_CLASSES = {
     "Qwen3Attention": "qwen3", "Gemma2Attention": "gemma2", "Gemma3Attention": "gemma3",
     "Phi3Attention": "phi3", "GptOssAttention": "gpt_oss", "Olmo2Attention": "olmo2",
 }
-_ONE_PLUS_NORM = ("gemma3",)  # families whose q/k RMSNorm multiplies by 1 + weight
 
 
 def _interop():
@@ -166,8 +165,6 @@ def from_hf(layer, config, *, layer_idx: int | None = None, rngs=None, dtype: An
             if w.size != param.size:
                 raise ValueError(f"layer.{name}.weight has shape {tuple(w.shape)} but the "
                                  f"module's {name} is {tuple(param.shape)}")
-            if family in _ONE_PLUS_NORM:
-                w = 1.0 + w
             param.set_value(jnp.asarray(w.reshape(param.shape), param.dtype))
     if kw["sinks"]:
         s = _numpy(layer.sinks)
@@ -189,8 +186,8 @@ def to_hf(module: MultiHeadAttention, layer):
     """Writes ``module``'s weights into the transformers attention ``layer``, in place.
 
     The inverse of :func:`from_hf`: ``to_hf(from_hf(layer, cfg), layer)`` leaves every
-    tensor of ``layer`` as it was (bit for bit; Gemma3's q/k norms go through
-    ``1 + w`` and back, exact to float32 rounding of ``1 + w``: ``abs(error) <= 6e-8``).
+    tensor of ``layer`` as it was, bit for bit (Gemma 3's q/k norm weights ``w`` are
+    stored as they are, with ``qk_norm_offset=1.0`` in the config).
 
     Returns:
       ``layer``.
@@ -236,7 +233,7 @@ def to_hf(module: MultiHeadAttention, layer):
             if w.size != norm.weight.numel():
                 raise ValueError(f"{pname} has {w.size} values; layer.{pname}.weight has "
                                  f"shape {tuple(norm.weight.shape)}")
-            pending.append((norm.weight, w - 1.0 if family in _ONE_PLUS_NORM else w))
+            pending.append((norm.weight, w))  # Gemma 3's 1 + w: qk_norm_offset=1.0
     sinks = getattr(layer, "sinks", None)
     if (module.sinks is None) != (sinks is None):
         raise ValueError("sinks: present on one side only (module sinks="

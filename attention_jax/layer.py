@@ -310,6 +310,8 @@ def _qk_norm(x: Array, scale: Array | None, config: AttentionConfig) -> Array:
     if scale is None:
         return x
     axes = (-2, -1) if config.qk_norm == "full" else (-1,)
+    if config.qk_norm_offset:  # Gemma 3: x / rms(x) * (1 + w)
+        scale = scale + jnp.asarray(config.qk_norm_offset, scale.dtype)
     return rms_norm(x, scale, config.qk_norm_eps, axes=axes)
 
 

@@ -165,7 +165,8 @@ class _Methods:
         """The parameters by name (``PARAM_AXES`` order), shaped by ``config``; None if absent."""
         params: dict[str, Array | None] = dict.fromkeys(ALL_PARAM_AXES)
         for spec in config.params():
-            init = modules.param_initializer(spec, self.kernel_init, self.bias_init)
+            init = modules.param_initializer(spec, self.kernel_init, self.bias_init,
+                                             config.qk_norm_offset)
             params[spec.name] = self.param(
                 spec.name, nn.with_logical_partitioning(_nnx_init(spec.name, init), spec.axes),
                 spec.shape, config.param_dtype,

@@ -73,15 +73,18 @@ ONES: Initializer = nnx.initializers.ones_init()
 
 
 def param_initializer(spec: ParamSpec, kernel_init: Initializer | None,
-                      bias_init: Initializer) -> Initializer:
+                      bias_init: Initializer, norm_offset: float = 0.0) -> Initializer:
     """The initialiser of parameter ``spec``: kernels ``kernel_init`` (default
-    :func:`default_kernel_init`), biases ``bias_init``, q/k norm scales ones, sinks zeros.
-    Shared by the NNX module and :mod:`attention_jax.linen`."""
+    :func:`default_kernel_init`), biases ``bias_init``, q/k norm scales ones (the
+    effective scale ``norm_offset + w`` starts at 1: ``w = 1 - norm_offset``), sinks
+    zeros. Shared by the NNX module and :mod:`attention_jax.linen`."""
     if spec.is_kernel:
         return default_kernel_init() if kernel_init is None else kernel_init
     if spec.name.endswith("_bias"):
         return bias_init
-    return ONES if spec.name.endswith("_norm") else ZEROS
+    if spec.name.endswith("_norm"):
+        return ONES if not norm_offset else nnx.initializers.constant(1.0 - norm_offset)
+    return ZEROS
 
 
 def _param(spec: ParamSpec, init: Initializer, rng: Array, dtype) -> nnx.Param:
@@ -176,7 +179,7 @@ class MultiHeadAttention(nnx.Module):
             if spec is None:
                 setattr(self, name, None)
                 continue
-            init = param_initializer(spec, kernel_init, bias_init)
+            init = param_initializer(spec, kernel_init, bias_init, config.qk_norm_offset)
             setattr(self, name, _param(spec, init, rngs.params(), config.param_dtype))
         self.rngs = rngs.dropout.fork() if config.dropout_rate > 0.0 else None
 

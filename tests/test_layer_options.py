@@ -32,8 +32,9 @@ def reference(m: aj.MultiHeadAttention, x, *, causal=True):
     v = np.einsum("btd,dkh->btkh", x, p["v_kernel"]) + p["v_bias"]
     if cfg.qk_norm is not None:
         axes = (-2, -1) if cfg.qk_norm == "full" else (-1,)
-        q, k = _rms(q, p["q_norm"], cfg.qk_norm_eps, axes), _rms(k, p["k_norm"], cfg.qk_norm_eps,
-                                                                  axes)
+        off = cfg.qk_norm_offset  # Gemma 3: x / rms(x) * (1 + w)
+        q = _rms(q, off + p["q_norm"], cfg.qk_norm_eps, axes)
+        k = _rms(k, off + p["k_norm"], cfg.qk_norm_eps, axes)
     G = cfg.num_groups
     k, v = np.repeat(k, G, axis=2), np.repeat(v, G, axis=2)
     s = np.einsum("btnh,bsnh->bnts", q, k) * (cfg.scale or 1 / np.sqrt(cfg.head_dim))
@@ -67,6 +68,7 @@ def _module(N, K, **options):
 OPTIONS = {
     "qk_norm_head": dict(qk_norm="head", qk_norm_eps=1e-5),
     "qk_norm_full": dict(qk_norm="full"),
+    "qk_norm_offset": dict(qk_norm="head", qk_norm_offset=1.0),  # Gemma 3's 1 + w
     "softcap": dict(softcap=0.5),
     "window": dict(sliding_window=3),
     "sinks": dict(sinks=True),
@@ -93,6 +95,22 @@ def test_option_parameters_get_gradients_and_jit_matches(option):
     for name in names:
         g = np.asarray(grads[name][...])
         assert np.all(np.isfinite(g)) and np.abs(g).max() > 0, name
+
+
+def test_qk_norm_offset_starts_at_an_effective_scale_of_one():
+    """With ``qk_norm_offset=1.0`` the stored w starts at 0 (NNX and Linen), so a fresh
+    module normalises exactly as one with the plain scale starting at 1."""
+    plain = aj.MultiHeadAttention(D, 4, num_kv_heads=2, head_dim=H, qk_norm="head",
+                                  rngs=nnx.Rngs(0))
+    gemma = aj.MultiHeadAttention(D, 4, num_kv_heads=2, head_dim=H, qk_norm="head",
+                                  qk_norm_offset=1.0, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(gemma.q_norm[...], np.zeros(H))
+    x = jax.random.normal(jax.random.key(8), (B, T, D))
+    np.testing.assert_array_equal(gemma(x), plain(x))
+    attn = ajl.MultiHeadAttention(4, num_kv_heads=2, head_dim=H, qk_norm="head",
+                                  qk_norm_offset=1.0)
+    k_norm = attn.init(jax.random.key(0), x)["params"]["k_norm"]
+    np.testing.assert_array_equal(getattr(k_norm, "value", k_norm), np.zeros(H))  # unboxed
 
 
 def test_parameters_shapes_and_linen():
@@ -168,6 +186,7 @@ def test_left_padded_decode_equals_each_prompt_alone(heads, implementation):
     (dict(softcap=0.0), r"softcap must be a finite number > 0; got 0.0"),
     (dict(sliding_window=0), r"sliding_window must be >= 1; got 0"),
     (dict(sinks=1), r"sinks must be a bool; got 1"),
+    (dict(qk_norm_offset=float("nan")), r"qk_norm_offset must be a finite number; got nan"),
 ])
 def test_invalid_family_options(options, message):
     with pytest.raises((ValueError, TypeError), match=message):
