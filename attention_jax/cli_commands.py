@@ -68,10 +68,12 @@ EXPERIMENTS = {
         dtype_default="bfloat16 on GPU, float32 on CPU",
         summary="time one KV-cache decode step of MHA / GQA / MQA vs cache length",
         description=(
-            "Times one jit-compiled decode step (cache donated) of MHA, GQA and MQA, float and "
-            "int8 caches, for cache lengths S, against the same step in PyTorch; on a GPU also "
-            "against the KV-bytes / HBM-bandwidth floor. Writes decode_bench_<backend>.json, "
-            ".md and .png. --quick: S in {256, 1024}."),
+            "Times one jit-compiled decode step (cache donated) of MHA, GQA and MQA with "
+            "float32 / bf16 / int8 caches, interleaved with the same step in PyTorch (same "
+            "threads) and a reduction over the same bytes (the floor): ms, GB/s and % of floor "
+            "per row, and a long cache holding few tokens against a tight one. Writes "
+            "decode_bench_<backend>.json, .md and .png. --quick: S in {256, 1024}; "
+            "--sections layout."),
     ),
     "shard": Experiment(
         module="attention_jax.benchmarks.head_parallel", script="head_parallel.py", devices=8,
