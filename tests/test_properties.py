@@ -94,6 +94,7 @@ BAD_VALUES = {
     "softcap": [0.0, -2.0],
     "sliding_window": [0, 2.5],
     "sinks": [1, "yes"],
+    "qk_norm_offset": [float("nan"), float("inf"), "1", True],
 }
 
 
