@@ -135,13 +135,23 @@ def print_table(rows: Sequence[dict], *, title: str | None = None,
     out = console()
     tables = rich_tables(rows, title=title, caption=caption, width=out.width,
                          key_columns=key_columns)
-    if out.is_terminal:
+    note = None
+    if caption and len(tables) > 1:  # stacked: the caption under them, at the full width
+        tables = rich_tables(rows, title=title, caption=None, width=out.width,
+                             key_columns=key_columns)
+        note = caption
+
+    def emit():
         for table in tables:
             out.print(table)
+        if note:
+            out.print(note, markup=False, highlight=False)
+
+    if out.is_terminal:
+        emit()
         return
     with out.capture() as captured:
-        for table in tables:
-            out.print(table)
+        emit()
     text = "\n".join(line.rstrip() for line in captured.get().splitlines())
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
