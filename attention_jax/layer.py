@@ -122,6 +122,7 @@ def attention_layer(
     score_mod: Callable[..., Array] | None = None,
     head_offset: int | Array = 0,
     attention_fn: Callable[..., Array] | None = None,
+    segment_ids: Array | tuple[Array, Array] | None = None,
 ) -> Array | tuple[Array, Array]:
     """The module's forward pass on plain arrays, output bias included.
 
@@ -147,6 +148,10 @@ def attention_layer(
       attention_fn: the attention op, with the signature of
         :func:`attention_jax.ops.dot_product_attention` (default); a context-parallel
         caller swaps in its ring / all-gather attention here.
+      segment_ids: ``[B, T]`` integer ids of packed sequences (a query sees the keys
+        of its own segment; negative ids are padding), or ``(q_ids [B, T], kv_ids
+        [B, S])`` for cross-attention: :class:`attention_jax.masks.Segments`, combined
+        with ``mask``. Give ``positions`` that restart per segment for rope.
 
     Returns:
       ``[B, T, Do]``, and the weights when ``return_weights``.
@@ -161,6 +166,8 @@ def attention_layer(
     if kv_positions is None and inputs_k is None:
         kv_positions = positions
     inputs_q, inputs_k, inputs_v = resolve_inputs(config, inputs_q, inputs_k, inputs_v)
+    if segment_ids is not None:
+        mask = with_segments(mask, segment_ids, inputs_q.shape[:2], inputs_k.shape[1])
     y, weights = _forward(
         config, params, inputs_q, inputs_k, inputs_v, mask=mask, is_causal=is_causal,
         scale=config.scale, dropout_rng=dropout_rng, return_weights=return_weights,
@@ -273,6 +280,22 @@ def _with_softcap(config: AttentionConfig, score_mod):
     return lambda s, b, n, t, k: cap(score_mod(s, b, n, t, k), b, n, t, k)
 
 
+def with_segments(mask, segment_ids, batch_and_T: tuple[int, int], S: int):
+    """The call's ``mask`` and :class:`~attention_jax.masks.Segments` of ``segment_ids``
+    (``[B, T]``, or ``(q_ids [B, T], kv_ids [B, S])``): a mask object when ``mask`` is
+    None or one, else the dense ``[B, ...]`` combination. Raises ValueError naming the
+    shapes when the ids do not fit."""
+    q_ids, kv_ids = segment_ids if isinstance(segment_ids, tuple) else (segment_ids, None)
+    segments = masks.Segments(jnp.asarray(q_ids), None if kv_ids is None else jnp.asarray(kv_ids))
+    B, T = batch_and_T
+    segments.check(B, 1, T, S)
+    if mask is None:
+        return segments
+    if isinstance(mask, masks.Mask):
+        return mask & segments
+    return masks.combine_masks(mask, segments.dense(B, 1, T, S))
+
+
 def _with_window(config: AttentionConfig, mask, T: int, S: int, positions, kv_positions):
     """The call's mask and the config's sliding window (keys ``t - W < s <= t``)."""
     if config.sliding_window is None:
@@ -337,77 +360,14 @@ def _project_qkv(
     return q, k, v
 
 
-# ---------------------------------------------------------------------------
-# The earlier public functions (kept: callers were written against them)
-# ---------------------------------------------------------------------------
+# The earlier public functions (attention_forward, decode_forward: without the output
+# bias) live in attention_jax.layer_legacy; importable from here as before.
+_LEGACY = ("attention_forward", "decode_forward", "_config_from_params")
 
 
-def attention_forward(
-    params: Params,
-    inputs_q: Array,
-    inputs_k: Array,
-    inputs_v: Array,
-    *,
-    mask: Array | None = None,
-    is_causal: bool = False,
-    scale: float | None = None,
-    dropout_rate: float = 0.0,
-    dropout_rng: Array | None = None,
-    return_weights: bool = False,
-    implementation: str | None = None,
-    dtype: Any = None,
-    rope: float | rope_lib.Rope | None = None,
-    positions: Array | None = None,
-    kv_positions: Array | None = None,
-) -> tuple[Array, Array | None]:
-    """The layer's math **without the output bias**, options as keywords.
+def __getattr__(name: str):
+    if name in _LEGACY:
+        from attention_jax import layer_legacy
 
-    Kept for existing callers; it always returns ``(y, weights or None)`` and
-    never adds ``o_bias``: the result is ``attention_layer(...) - o_bias``.
-    New code should call :func:`attention_layer`, which returns what the module
-    returns. ``dropout_rate`` applies only with a ``dropout_rng``.
-
-    Returns:
-      ``([B, T, Do] without o_bias, weights [B, N, T, S] or None)``.
-    """
-    rate = dropout_rate if dropout_rng is not None else 0.0
-    config = _config_from_params(params, dropout_rate=rate, dtype=dtype,
-                                 implementation=implementation, rope=rope)
-    return _forward(config, params, inputs_q, inputs_k, inputs_v, mask=mask,
-                    is_causal=is_causal, scale=scale, dropout_rng=dropout_rng if rate else None,
-                    return_weights=return_weights, positions=positions,
-                    kv_positions=kv_positions)
-
-
-def decode_forward(
-    params: Params,
-    x: Array,
-    cache: kv_cache.KVCache,
-    *,
-    mask: Array | None = None,
-    valid_lengths: Array | None = None,
-    scale: float | None = None,
-    rope: float | rope_lib.Rope | None = None,
-    implementation: str | None = None,
-    dtype: Any = None,
-    kv_heads: tuple[Array | int, int] | None = None,
-) -> tuple[Array, kv_cache.KVCache]:
-    """:func:`decode_layer` **without the output bias**, options as keywords (kept API)."""
-    config = _config_from_params(params, dtype=dtype, implementation=implementation, rope=rope)
-    check_decode_inputs(config, x, cache)
-    return _decode(config, params, x, cache, mask=mask, valid_lengths=valid_lengths,
-                   kv_heads=kv_heads, scale=scale)
-
-
-def _config_from_params(params: Params, **options: Any) -> AttentionConfig:
-    """The :class:`AttentionConfig` of parameters ``params`` with ``options``.
-
-    Only the options the math reads matter here; which biases exist is read from
-    ``params`` itself (a None bias is skipped).
-    """
-    D, N, H = params["q_kernel"].shape
-    Dk, K, _ = params["k_kernel"].shape
-    Dv, _, V = params["v_kernel"].shape
-    Do = params["o_kernel"].shape[-1]
-    return AttentionConfig(D, N, num_kv_heads=K, head_dim=H, v_head_dim=V, in_k_features=Dk,
-                           in_v_features=Dv, out_features=Do, **options)
+        return getattr(layer_legacy, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -116,6 +116,7 @@ class _Methods:
         positions: Array | None = None,
         kv_positions: Array | None = None,
         score_mod: Callable[..., Array] | None = None,
+        segment_ids: Array | tuple[Array, Array] | None = None,
     ) -> Array | tuple[Array, Array]:
         """Attends ``inputs_q`` to ``inputs_k`` / ``inputs_v``.
 
@@ -128,7 +129,7 @@ class _Methods:
           deterministic: disable dropout (default: the module's setting;
             dropout is on when ``dropout_rate > 0`` and nothing says otherwise).
           return_weights: also return the ``[B, N, T, S]`` attention weights.
-          positions, kv_positions, score_mod: as in the NNX module.
+          positions, kv_positions, score_mod, segment_ids: as in the NNX module.
 
         Returns:
           ``[B, T, Do]``, and the weights when ``return_weights``.
@@ -141,7 +142,7 @@ class _Methods:
             config, self._params(config), inputs_q, inputs_k, inputs_v, mask=mask,
             is_causal=is_causal, dropout_rng=self._dropout_rng(deterministic),
             return_weights=return_weights, positions=positions, kv_positions=kv_positions,
-            score_mod=score_mod,
+            score_mod=score_mod, segment_ids=segment_ids,
         )
 
     def _widths(self, inputs_q, inputs_k, inputs_v) -> tuple[int, int, int]:

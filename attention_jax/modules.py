@@ -253,6 +253,7 @@ class MultiHeadAttention(nnx.Module):
         positions: Array | None = None,
         kv_positions: Array | None = None,
         score_mod: Callable[..., Array] | None = None,
+        segment_ids: Array | tuple[Array, Array] | None = None,
     ) -> Array | tuple[Array, Array]:
         """Attends ``inputs_q`` to ``inputs_k`` / ``inputs_v``.
 
@@ -273,6 +274,9 @@ class MultiHeadAttention(nnx.Module):
             (left padding, offsets); default ``arange(T)``.
           kv_positions: ``[S]`` or ``[B, S]`` key positions; default ``positions``
             for self-attention, else ``arange(S)``.
+          segment_ids: ``[B, T]`` ids of packed sequences (negative = padding), or
+            ``(q_ids, kv_ids)``: a query sees only its segment's keys
+            (:class:`attention_jax.masks.Segments`, combined with ``mask``).
 
         Returns:
           ``[B, T, Do]``, and the weights when ``return_weights``.
@@ -281,7 +285,7 @@ class MultiHeadAttention(nnx.Module):
             self.config, self.param_values(), inputs_q, inputs_k, inputs_v, mask=mask,
             is_causal=is_causal, dropout_rng=self.dropout_key(deterministic),
             return_weights=return_weights, positions=positions, kv_positions=kv_positions,
-            score_mod=score_mod,
+            score_mod=score_mod, segment_ids=segment_ids,
         )
 
     # -- decoding ----------------------------------------------------------

@@ -205,3 +205,22 @@ def test_window_with_a_dense_mask_and_per_row_positions(heads):
     obj = m(x, is_causal=True, positions=pos, mask=aj.masks.Segments(jnp.where(keep, 0, -1)))
     np.testing.assert_allclose(np.asarray(dense)[:, 2:], np.asarray(obj)[:, 2:], **TOL)
     np.testing.assert_allclose(np.asarray(dense)[0], np.asarray(obj)[0], **TOL)
+
+
+@pytest.mark.parametrize("heads", list(HEADS))
+def test_segment_ids_pack_sequences(heads):
+    """``segment_ids`` (with positions restarting per segment): each packed sequence
+    equals the sequence alone; with a dense mask too; a bad shape names both numbers."""
+    m = _module(*HEADS[heads], rope=10_000.0)
+    x = jax.random.normal(jax.random.key(9), (1, T, D))
+    ids = jnp.array([[0, 0, 0, 1, 1, 1, 1]])
+    pos = jnp.array([[0, 1, 2, 0, 1, 2, 3]])
+    packed = m(x, is_causal=True, positions=pos, segment_ids=ids)
+    for lo, hi in ((0, 3), (3, T)):
+        alone = m(x[:, lo:hi], is_causal=True)
+        np.testing.assert_allclose(packed[:, lo:hi], alone, **TOL)
+    dense = m(x, is_causal=True, positions=pos, segment_ids=ids,
+              mask=jnp.ones((1, 1, T, T), bool))
+    np.testing.assert_allclose(dense, packed, **TOL)
+    with pytest.raises(ValueError, match=r"Segments q_ids must be \[1 or 1, 7\]; got shape"):
+        m(x, segment_ids=ids[:, :5])

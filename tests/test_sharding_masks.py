@@ -45,6 +45,24 @@ def test_structured_masks_head_parallel_equal_one_device(K, kind):
     np.testing.assert_allclose(got, want, **TOL)
 
 
+def test_segment_ids_head_parallel_and_linen_equal_one_device():
+    """``segment_ids=`` on the head-parallel wrapper and the Linen adapter: the same as
+    the module's ``mask=Segments(ids)`` (the ids go over ``data`` with the rows)."""
+    from attention_jax import linen as ajl
+
+    m = aj.GroupedQueryAttention(D, N, 2, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(3), (B, T, D))
+    ids = _segments().q_ids
+    want = m(x, mask=_segments(), is_causal=True)
+    np.testing.assert_allclose(m(x, segment_ids=ids, is_causal=True), want, **TOL)
+    linen_attn, variables = ajl.from_nnx(m)
+    np.testing.assert_allclose(
+        linen_attn.apply(variables, x, segment_ids=ids, is_causal=True), want, **TOL)
+    hp = sharding.head_parallel(m, sharding.make_mesh(data=2, model=4))
+    got = nnx.jit(lambda mod, x, ids: mod(x, segment_ids=ids, is_causal=True))(hp, x, ids)
+    np.testing.assert_allclose(got, want, **TOL)
+
+
 def test_score_mods_see_global_heads_and_train_their_arrays():
     m = aj.GroupedQueryAttention(D, N, 2, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(2), (B, T, D))

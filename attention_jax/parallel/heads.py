@@ -40,6 +40,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from attention_jax import cache as kv_cache
+from attention_jax import layer as layer_lib
 from attention_jax import masks, modules
 from attention_jax.cache import KVCache
 from attention_jax.config import AttentionConfig
@@ -137,6 +138,7 @@ class HeadParallelAttention(nnx.Module):
         positions: Array | None = None,
         kv_positions: Array | None = None,
         score_mod=None,
+        segment_ids: Array | tuple[Array, Array] | None = None,
     ) -> Array | tuple[Array, Array]:
         """As :meth:`MultiHeadAttention.__call__`; B must be divisible by ``data``.
 
@@ -152,6 +154,8 @@ class HeadParallelAttention(nnx.Module):
         xq, xk, _ = module.resolve_inputs(inputs_q, inputs_k, inputs_v)
         B, T, S = xq.shape[0], xq.shape[1], xk.shape[1]
         check_batch(B, self.mesh)
+        if segment_ids is not None:  # a Segments mask object: its ids go over `data`
+            mask = layer_lib.with_segments(mask, segment_ids, (B, T), S)
         if isinstance(mask, masks.Mask):
             mask.check(B, module.config.num_heads, T, S)
         elif mask is not None:
