@@ -240,12 +240,25 @@ def block_backward(q, k, v, out, lse, dout, mask=None, *, score_mod=None, q_posi
                       kv_positions=kv_positions, head_offset=head_offset)
     ctx, qb, kb, vb, cls = _setup(cfg, sm_fn, q, k, v, dense, None, scale_arr, structure,
                                   q_positions, kv_positions, static_ho, traced_ho, consts)
+    return backward_tiles(cfg, ctx, qb, kb, vb, cls, out, lse, dout, q.dtype)[:3]
+
+
+def backward_tiles(cfg, ctx, qb, kb, vb, cls, out, lse, dout, dtype):
+    """The backward loop of one block pair from :func:`_setup`'s pieces and the *final*
+    ``out`` / ``lse`` / ``dout`` (as in :func:`block_backward`); shared with the ring's
+    backward, which also needs the closed-over constants' cotangents.
+
+    Returns:
+      ``(dq, dk, dv, dconsts)``: as :func:`block_backward`'s, plus a tuple of the float
+      score_mod constants' cotangents (empty without a score_mod).
+    """
     lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse.astype(jnp.float32))
     lse_b = tiles.block_q(lse[..., None], cfg)[..., 0]
     lse_b = jnp.where(jnp.arange(cfg.nq * cfg.block_q).reshape(cfg.nq, 1, 1, cfg.block_q, 1)
                       .repeat(cfg.G, 4).reshape(cfg.nq, 1, 1, -1) < cfg.T, lse_b, jnp.inf)
     ob = tiles.block_q(out, cfg).astype(jnp.float32)
-    dob = tiles.block_q(dout.astype(q.dtype), cfg)
-    dq, dk, dv, _, _ = _backward(qb, kb, vb, ob, lse_b, dob, ctx,
-                                 None if cls is None else _compact(cls.T))
-    return tiles.unblock_q(dq, cfg), tiles.unblock_kv(dk, cfg), tiles.unblock_kv(dv, cfg)
+    dob = tiles.block_q(dout.astype(dtype), cfg)
+    dq, dk, dv, _, dcon = _backward(qb, kb, vb, ob, lse_b, dob, ctx,
+                                    None if cls is None else _compact(cls.T))
+    return (tiles.unblock_q(dq, cfg), tiles.unblock_kv(dk, cfg), tiles.unblock_kv(dv, cfg),
+            tuple(dcon))

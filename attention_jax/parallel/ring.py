@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from attention_jax.kernels import block_loops, block_step, blockwise, tiles
+from attention_jax.kernels import block_step, blockwise, tiles
 from attention_jax.parallel import context as cp
 
 Array = jax.Array
@@ -182,16 +182,7 @@ def _pair_backward(q, k, v, out, lse, dout, mask, *, sm_fn, consts, q_positions,
     ctx, qb, kb, vb, cls = block_step._setup(cfg, tile_mod, q, k, v, dense, None, scale_arr,
                                              structure, q_pos, kv_pos, static_ho, traced_ho,
                                              consts)
-    lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse.astype(jnp.float32))
-    lse_b = tiles.block_q(lse[..., None], cfg)[..., 0]
-    lse_b = jnp.where(jnp.arange(cfg.nq * cfg.block_q).reshape(cfg.nq, 1, 1, cfg.block_q, 1)
-                      .repeat(cfg.G, 4).reshape(cfg.nq, 1, 1, -1) < cfg.T, lse_b, jnp.inf)
-    ob = tiles.block_q(out, cfg).astype(jnp.float32)
-    dob = tiles.block_q(dout.astype(q.dtype), cfg)
-    dq, dk, dv, _, dcon = block_loops._backward(
-        qb, kb, vb, ob, lse_b, dob, ctx, None if cls is None else block_loops._compact(cls.T))
-    return (tiles.unblock_q(dq, cfg), tiles.unblock_kv(dk, cfg), tiles.unblock_kv(dv, cfg),
-            tuple(dcon))
+    return block_step.backward_tiles(cfg, ctx, qb, kb, vb, cls, out, lse, dout, q.dtype)
 
 
 def _float_consts(consts) -> list:
