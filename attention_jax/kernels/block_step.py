@@ -194,6 +194,19 @@ def merge_partials(out_a: Array, lse_a: Array, out_b: Array, lse_b: Array):
     return out, lse
 
 
+def _pair(q, k, v, mask, score_mod, q_positions, kv_positions, head_offset, scale, block_q,
+          block_kv):
+    """:func:`_build` then :func:`_setup` for one (query block, key block) pair:
+    ``(cfg, ctx, qb, kb, vb, tile classes)``."""
+    (cfg, sm_fn, static_ho, dense, structure, q_positions, kv_positions, traced_ho, scale_arr,
+     consts) = _build(q, k, v, mask, is_causal=False, scale=scale, block_q=block_q,
+                      block_kv=block_kv, score_mod=score_mod, q_positions=q_positions,
+                      kv_positions=kv_positions, head_offset=head_offset)
+    ctx, qb, kb, vb, cls = _setup(cfg, sm_fn, q, k, v, dense, None, scale_arr, structure,
+                                  q_positions, kv_positions, static_ho, traced_ho, consts)
+    return cfg, ctx, qb, kb, vb, cls
+
+
 def block_forward(q, k, v, mask=None, *, score_mod=None, q_positions=None, kv_positions=None,
                   head_offset=0, scale=None, block_q=None, block_kv=None):
     """One query block against one key block, unnormalised across blocks.
@@ -209,12 +222,8 @@ def block_forward(q, k, v, mask=None, *, score_mod=None, q_positions=None, kv_po
       ``(out [B, T, N, V] float32, lse [B, T, N] float32)``; ``lse = -inf`` (and
       out 0) for rows that see no key of this block. Combine with :func:`merge_partials`.
     """
-    (cfg, sm_fn, static_ho, dense, structure, q_positions, kv_positions, traced_ho, scale_arr,
-     consts) = _build(q, k, v, mask, is_causal=False, scale=scale, block_q=block_q,
-                      block_kv=block_kv, score_mod=score_mod, q_positions=q_positions,
-                      kv_positions=kv_positions, head_offset=head_offset)
-    ctx, qb, kb, vb, cls = _setup(cfg, sm_fn, q, k, v, dense, None, scale_arr, structure,
-                                  q_positions, kv_positions, static_ho, traced_ho, consts)
+    cfg, ctx, qb, kb, vb, cls = _pair(q, k, v, mask, score_mod, q_positions, kv_positions,
+                                      head_offset, scale, block_q, block_kv)
     out, lse = _forward(qb, kb, vb, ctx, None if cls is None else _compact(cls))
     lse = jnp.where(jnp.isinf(lse), -jnp.inf, lse)
     return tiles.unblock_q(out, cfg), tiles.unblock_q(lse[..., None], cfg)[..., 0]
@@ -234,12 +243,8 @@ def block_backward(q, k, v, out, lse, dout, mask=None, *, score_mod=None, q_posi
       ``(dq [B, T, N, H], dk [B, S, K, H], dv [B, S, K, V])`` float32: this key
       block's share of dq (sum over blocks) and its own dk, dv.
     """
-    (cfg, sm_fn, static_ho, dense, structure, q_positions, kv_positions, traced_ho, scale_arr,
-     consts) = _build(q, k, v, mask, is_causal=False, scale=scale, block_q=block_q,
-                      block_kv=block_kv, score_mod=score_mod, q_positions=q_positions,
-                      kv_positions=kv_positions, head_offset=head_offset)
-    ctx, qb, kb, vb, cls = _setup(cfg, sm_fn, q, k, v, dense, None, scale_arr, structure,
-                                  q_positions, kv_positions, static_ho, traced_ho, consts)
+    cfg, ctx, qb, kb, vb, cls = _pair(q, k, v, mask, score_mod, q_positions, kv_positions,
+                                      head_offset, scale, block_q, block_kv)
     return backward_tiles(cfg, ctx, qb, kb, vb, cls, out, lse, dout, q.dtype)[:3]
 
 
