@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from attention_jax import ops
+from attention_jax.kernels import tiles
 
 Array = jax.Array
 
@@ -154,23 +155,6 @@ def _read_block(x: Array, start: Array, block: int) -> Array:
         return take(x)
     shape = (x.shape[0], block, *x.shape[2:])
     return lax.cond(start >= 0, take, lambda x: jnp.zeros(shape, jnp.float32), x)
-
-
-def _varying_axes(x: Array) -> frozenset:
-    """Manual mesh axes ``x`` varies over inside ``jax.shard_map`` (empty outside)."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)  # jax 0.10
-    if mat is not None:
-        return frozenset(mat.varying)
-    return frozenset(getattr(aval, "vma", ()))
-
-
-def _varying_like(x: Array, *refs: Array | None) -> Array:
-    """A fresh loop carry marked varying over the mesh axes ``refs`` vary over, so the
-    loop type-checks inside ``jax.shard_map``; a no-op outside it."""
-    axes = frozenset().union(*(_varying_axes(r) for r in refs if r is not None))
-    missing = tuple(sorted(axes - _varying_axes(x)))
-    return lax.pcast(x, missing, to="varying") if missing else x
 
 
 def _merge(a: tuple[Array, Array, Array], b: tuple[Array, Array, Array]):
@@ -321,7 +305,7 @@ def cache_attention(
 
     shape = (B, K, G, t)
     refs = (qf, k, v, k_scale, v_scale, lengths, valid_lengths, mask, starts, sinks)
-    init = tuple(tuple(_varying_like(x, *refs) for x in (
+    init = tuple(tuple(tiles.varying_like(x, *refs) for x in (
         jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
         jnp.zeros((*shape, V), jnp.float32))) for _ in range(P))
     states = lax.fori_loop(0, n_iter, body, init)
