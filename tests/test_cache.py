@@ -321,10 +321,12 @@ def test_checked_mode_raises_inside_jit():
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Kernel blocks of 4 tokens, split-K from 2 blocks on: every step walks several blocks."""
+    """Kernel blocks of 4 tokens, split-K from 2 blocks on: every step walks several blocks
+    (split-K where the contraction is grouped; single query rows of MHA / GQA go flat)."""
     from attention_jax.kernels import decode
 
     monkeypatch.setattr(decode, "BLOCK_BYTES", 1)
+    monkeypatch.setattr(decode, "FLAT_BLOCK_BYTES", 1)
     monkeypatch.setattr(decode, "MIN_BLOCK", 4)
     monkeypatch.setattr(decode, "SPLIT_MIN_BLOCKS", 2)
     return decode

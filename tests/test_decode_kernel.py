@@ -102,10 +102,12 @@ def _cache_inputs(N, K, t, L, dtype=jnp.float32, seed=0):
 
 
 @pytest.mark.parametrize("heads", list(HEADS))
-@pytest.mark.parametrize(("block", "splits"), [(7, 1), (7, 3), (16, 2), (50, 1)])
-def test_cache_attention_matches_reference(heads, block, splits):
+@pytest.mark.parametrize(("block", "splits", "contraction"),
+                         [(7, 1, "flat"), (7, 3, "grouped"), (16, 2, "flat"), (50, 1, "grouped")])
+def test_cache_attention_matches_reference(heads, block, splits, contraction):
     """Blocks that do not divide L (clamped last block), several chunks, ragged rows with
-    padded queries; against the einsum path over all L positions with cache.decode_mask."""
+    padded queries, both block contractions; against the einsum path over all L positions
+    with cache.decode_mask."""
     from attention_jax import cache as kv
 
     N, K = HEADS[heads]
@@ -114,7 +116,8 @@ def test_cache_attention_matches_reference(heads, block, splits):
     lengths, valid = jnp.array([4, 44]), jnp.array([3, 2])
     expected = ops.dot_product_attention(q, k, v, kv.decode_mask(lengths, t, L, valid),
                                          implementation="xla")
-    out = decode.cache_attention(q, k, v, lengths, valid, block=block, splits=splits)
+    out = decode.cache_attention(q, k, v, lengths, valid, block=block, splits=splits,
+                                 contraction=contraction)
     np.testing.assert_allclose(out, expected, **F32_TOL)
 
 
@@ -144,6 +147,24 @@ def test_block_and_split_rules():
     bt = decode.block_tokens(2, 1 << 20, 512)
     assert bt & (bt - 1) == 0 and 2 * bt * 512 <= decode.BLOCK_BYTES
     assert decode.num_splits(4096, 4096, "cpu") == 1
+    # flat block contractions: one query row of MHA / GQA; not MQA (the same dot), not t = 4
+    assert decode.flat_blocks(16, 1) and decode.flat_blocks(4, 4)
+    assert not decode.flat_blocks(1, 1) and not decode.flat_blocks(16, 4)
+    assert decode.block_tokens(1, 32768, 8192, target=decode.FLAT_BLOCK_BYTES) == 512
+
+
+def test_block_contractions_agree_and_a_bad_one_is_named():
+    q, k, v = _cache_inputs(8, 4, 1, 24)
+    qf = q.reshape(2, 1, 4, 2, 16)
+    grouped = decode.block_logits(qf, k)
+    np.testing.assert_allclose(decode.block_logits(qf, k, decode.block_diagonal_queries(qf)),
+                               grouped, **F32_TOL)
+    w = jax.nn.softmax(grouped, axis=-1)
+    np.testing.assert_allclose(decode.block_values(w, v, flat=True),
+                               decode.block_values(w, v), **F32_TOL)
+    with pytest.raises(ValueError, match=r"contraction must be .* got 'diagonal'"):
+        decode.cache_attention(q, k, v, jnp.array([3, 5]), jnp.ones(2, jnp.int32),
+                               contraction="diagonal")
 
 
 # One step through the module, jitted with the cache donated, for the HLO checks.
@@ -152,6 +173,7 @@ HLO_L = 8192
 
 def _compiled_step(variant, dtype, t, length, monkeypatch):
     monkeypatch.setattr(decode, "BLOCK_BYTES", 1 << 14)  # 16 KB blocks: many per cache
+    monkeypatch.setattr(decode, "FLAT_BLOCK_BYTES", 1 << 14)
     monkeypatch.setattr(decode, "MIN_BLOCK", 16)
     N, K = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}[variant]
     m = MultiHeadAttention(64, N, num_kv_heads=K, rngs=nnx.Rngs(0))
