@@ -121,7 +121,8 @@ def test_cache_attention_matches_reference(heads, block, splits, contraction):
     np.testing.assert_allclose(out, expected, **F32_TOL)
 
 
-def test_cache_attention_int8_window_and_an_empty_row():
+@pytest.mark.parametrize("contraction", ["flat", "grouped"])
+def test_cache_attention_int8_window_and_an_empty_row(contraction):
     """int8 blocks dequantized in the loop equal the dequantized cache; a window mask (the loop
     starts at its first open block); a row whose queries see nothing gives zeros."""
     from attention_jax import cache as kv
@@ -136,7 +137,7 @@ def test_cache_attention_int8_window_and_an_empty_row():
     expected = ops.dot_product_attention(q, kv.dequantize_int8(kq, ks), kv.dequantize_int8(vq, vs),
                                          mask, implementation="xla")
     out = decode.cache_attention(q, kq, vq, lengths, valid, k_scale=ks, v_scale=vs,
-                                 mask=window, block=8, splits=2)
+                                 mask=window, block=8, splits=2, contraction=contraction)
     np.testing.assert_allclose(out, expected, **F32_TOL)
     np.testing.assert_array_equal(out[1], 0.0)
 
@@ -150,6 +151,7 @@ def test_block_and_split_rules():
     # flat block contractions: one query row of MHA / GQA; not MQA (the same dot), not t = 4
     assert decode.flat_blocks(16, 1) and decode.flat_blocks(4, 4)
     assert not decode.flat_blocks(1, 1) and not decode.flat_blocks(16, 4)
+    assert not decode.flat_blocks(16, 1, jnp.int8)  # the transpose fuses with the dequantization
     assert decode.block_tokens(1, 32768, 8192, target=decode.FLAT_BLOCK_BYTES) == 512
 
 
