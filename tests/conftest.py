@@ -40,17 +40,46 @@ import re  # noqa: E402
 
 import pytest  # noqa: E402
 
+# A worker's resident memory above this after a test: its compiled programs dropped
+# (within a module they are shared by the module's tests, so only then).
+RSS_LIMIT_MB = 1400
 
-@pytest.fixture(autouse=True, scope="module")
-def _drop_compiled_programs():
-    """After each test module: JAX's in-memory caches emptied, the memory given back."""
-    yield
+
+def _drop_programs() -> None:
+    """JAX's in-memory caches emptied and the freed memory given back to the system."""
     jax.clear_caches()
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:  # no procfs
+        pass
+    return 0.0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+    """After each test module: compiled programs dropped (they are rarely shared across
+    modules, and one worker kept 5.7 GB of them)."""
+    yield
+    _drop_programs()
+
+
+@pytest.fixture(autouse=True)
+def _bound_worker_memory():
+    """After a test that leaves the worker above ``RSS_LIMIT_MB``: programs dropped too."""
+    yield
+    if _rss_mb() > RSS_LIMIT_MB:
+        _drop_programs()
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
