@@ -40,6 +40,47 @@ from attention_jax.kernels import tiles
 Array = jax.Array
 
 
+def block_diagonal_queries(qf: Array) -> Array:
+    """``[B, t, K, G, H]`` queries as the ``[B, K*H, K*G*t]`` block-diagonal matrix."""
+    B, t, K, G, H = qf.shape
+    eye = jnp.eye(K, dtype=qf.dtype)
+    return jnp.einsum("BTKGH,JK->BJHKGT", qf, eye).reshape(B, K * H, K * G * t)
+
+
+def block_logits(qf: Array, kb: Array, q_blocks: Array | None = None) -> Array:
+    """Logits of one cache block, ``[B, K, G, t, S]``.
+
+    Args:
+      qf: ``[B, t, K, G, H]`` queries; kb: ``[B, S, K, H]`` keys (a block or the cache).
+      q_blocks: :func:`block_diagonal_queries` of ``qf``: the flat form; None: grouped.
+    """
+    B, t, K, G, H = qf.shape
+    if q_blocks is None:
+        return jnp.einsum("BTKGH,BSKH->BKGTS", qf, kb, preferred_element_type=jnp.float32)
+    S = kb.shape[1]
+    s = jnp.einsum("BSX,BXY->BSY", kb.reshape(B, S, K * H), q_blocks,
+                   preferred_element_type=jnp.float32)  # [B, S, K*G*t]
+    return s.reshape(B, S, K, G, t).transpose(0, 2, 3, 4, 1)
+
+
+def block_values(w: Array, vb: Array, flat: bool = False) -> Array:
+    """Weighted values of one block, ``[B, K, G, t, V]``.
+
+    Args:
+      w: ``[B, K, G, t, S]`` weights; vb: ``[B, S, K, V]`` values (a block or the cache),
+        float32 products.
+      flat: one ``[K*G*t, S] @ [S, K*V]`` matmul, off-diagonal head blocks dropped.
+    """
+    if not flat:
+        return jnp.einsum("BKGTS,BSKV->BKGTV", w, vb, preferred_element_type=jnp.float32)
+    B, K, G, t, S = w.shape
+    V = vb.shape[-1]
+    full = jnp.einsum("BSY,BSX->BYX", w.transpose(0, 4, 1, 2, 3).reshape(B, S, K * G * t),
+                      vb.reshape(B, S, K * V),
+                      preferred_element_type=jnp.float32).reshape(B, K, G, t, K, V)
+    return jnp.einsum("BKGTJV,KJ->BKGTV", full, jnp.eye(K, dtype=full.dtype))
+
+
 def flat_logits(q: Array, k: Array, *, scale: float | None = None) -> Array:
     """As :func:`attention_jax.ops.attention_logits`, reading k as ``[B, S, K*H]`` rows.
 
@@ -50,16 +91,10 @@ def flat_logits(q: Array, k: Array, *, scale: float | None = None) -> Array:
       ``[B, K, G, T, S]`` float32 logits.
     """
     B, T, N, H = q.shape
-    S, K = k.shape[1], k.shape[2]
-    G = N // K
+    K = k.shape[2]
     scale = ops.default_scale(H) if scale is None else scale
-    qg = q.reshape(B, T, K, G, H)
-    eye = jnp.eye(K, dtype=q.dtype)
-    q_blocks = jnp.einsum("BTKGH,JK->BJHKGT", qg, eye).reshape(B, K * H, K * G * T)
-    logits = jnp.einsum("BSX,BXY->BSY", k.reshape(B, S, K * H), q_blocks,
-                        preferred_element_type=jnp.float32)  # [B, S, K*G*T]
-    logits = logits.reshape(B, S, K, G, T).transpose(0, 2, 3, 4, 1)  # [B, K, G, T, S]
-    return logits * jnp.float32(scale)
+    qg = q.reshape(B, T, K, N // K, H)
+    return block_logits(qg, k, block_diagonal_queries(qg)) * jnp.float32(scale)
 
 
 def flat_combine(weights: Array, v: Array, out_dtype) -> Array:
@@ -72,13 +107,8 @@ def flat_combine(weights: Array, v: Array, out_dtype) -> Array:
       ``[B, T, N, V]`` in ``out_dtype``.
     """
     B, K, G, T, S = weights.shape
-    V = v.shape[-1]
-    w = weights.astype(v.dtype).transpose(0, 4, 1, 2, 3).reshape(B, S, K * G * T)
-    full = jnp.einsum("BSY,BSX->BYX", w, v.reshape(B, S, K * V),
-                      preferred_element_type=jnp.float32)  # [B, K*G*T, K*V]
-    full = full.reshape(B, K, G, T, K, V)
-    out = jnp.einsum("BKGTJV,KJ->BTKGV", full, jnp.eye(K, dtype=full.dtype))
-    return out.reshape(B, T, K * G, V).astype(out_dtype)
+    out = block_values(weights.astype(v.dtype), v, flat=True)  # [B, K, G, T, V] float32
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, v.shape[-1]).astype(out_dtype)
 
 
 def decode_core(
@@ -199,45 +229,6 @@ def flat_blocks(K: int, Gt: int, cache_dtype=jnp.float32) -> bool:
     """
     return (K > 1 and K * Gt <= FLAT_MAX_WIDTH
             and jnp.dtype(cache_dtype) == jnp.dtype(jnp.float32))
-
-
-def block_diagonal_queries(qf: Array) -> Array:
-    """``[B, t, K, G, H]`` queries as the ``[B, K*H, K*G*t]`` block-diagonal matrix."""
-    B, t, K, G, H = qf.shape
-    eye = jnp.eye(K, dtype=qf.dtype)
-    return jnp.einsum("BTKGH,JK->BJHKGT", qf, eye).reshape(B, K * H, K * G * t)
-
-
-def block_logits(qf: Array, kb: Array, q_blocks: Array | None = None) -> Array:
-    """Logits of one cache block, ``[B, K, G, t, S]``.
-
-    Args:
-      qf: ``[B, t, K, G, H]`` scaled float32 queries; kb: ``[B, S, K, H]`` float32 block.
-
-      q_blocks: :func:`block_diagonal_queries` of ``qf``: the flat form; None: grouped.
-    """
-    B, t, K, G, H = qf.shape
-    if q_blocks is None:
-        return jnp.einsum("BTKGH,BSKH->BKGTS", qf, kb)
-    S = kb.shape[1]
-    s = jnp.einsum("BSX,BXY->BSY", kb.reshape(B, S, K * H), q_blocks)  # [B, S, K*G*t]
-    return s.reshape(B, S, K, G, t).transpose(0, 2, 3, 4, 1)
-
-
-def block_values(w: Array, vb: Array, flat: bool = False) -> Array:
-    """Weighted values of one block, ``[B, K, G, t, V]``.
-
-    Args:
-      w: ``[B, K, G, t, S]`` weights; vb: ``[B, S, K, V]`` float32 block.
-      flat: one ``[K*G*t, S] @ [S, K*V]`` matmul, off-diagonal head blocks dropped.
-    """
-    if not flat:
-        return jnp.einsum("BKGTS,BSKV->BKGTV", w, vb)
-    B, K, G, t, S = w.shape
-    V = vb.shape[-1]
-    full = jnp.einsum("BSY,BSX->BYX", w.transpose(0, 4, 1, 2, 3).reshape(B, S, K * G * t),
-                      vb.reshape(B, S, K * V)).reshape(B, K, G, t, K, V)
-    return jnp.einsum("BKGTJV,KJ->BKGTV", full, jnp.eye(K, dtype=full.dtype))
 
 
 def cache_attention(
