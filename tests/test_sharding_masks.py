@@ -83,17 +83,12 @@ def test_score_mods_see_global_heads_and_train_their_arrays():
     assert np.abs(np.asarray(g_want)).max() > 0  # the slopes get a gradient at all
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="known bug: the blockwise kernel's backward inside "
-                   "shard_map psums a replicated closed-over array's cotangent per tile "
-                   "(jax.vjp of the invariant constant) and again in sum_to: the gradient "
-                   "comes out times the axis size (ring / all-gather have their own fix in "
-                   "parallel/closures.py)")
 @pytest.mark.parametrize("axes", [("data",), ("model",)])
 def test_blockwise_in_shard_map_closed_over_array_gradient_counted_once(axes):
     """A score_mod closing over an array that every device holds whole (learned ALiBi
     slopes, ``in_specs=P()``): its gradient through the blockwise kernel inside
-    ``jax.shard_map`` equals the one-device gradient (it was multiplied by the axis size)."""
+    ``jax.shard_map`` equals the one-device gradient (it was multiplied by the axis size:
+    each tile's vjp of the invariant constant summed over the devices)."""
     from jax.sharding import PartitionSpec as P
 
     mesh = jax.make_mesh((8,), axes)

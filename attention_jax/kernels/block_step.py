@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attention_jax import masks, ops
-from attention_jax.kernels import tiles
+from attention_jax.kernels import closures, tiles
 from attention_jax.kernels.block_loops import _backward, _compact, _Ctx, _forward, _tile_classes
 from attention_jax.kernels.tiles import Config
 
@@ -132,17 +132,17 @@ def _build(q, k, v, mask, *, is_causal, scale, block_q, block_kv, score_mod, q_p
     sm_fn, consts = None, ()
     if score_mod is not None:
         sm_fn, consts = _convert_score_mod(score_mod, cfg, B, q_positions, kv_positions,
-                                           static_ho if traced_ho is None else traced_ho, (q, k))
+                                           static_ho if traced_ho is None else traced_ho, (q, k, v))
     return (cfg, sm_fn, static_ho, dense, structure, q_positions, kv_positions, traced_ho,
             scale_arr, tuple(consts))
 
 
 def _convert_score_mod(score_mod, cfg: Config, B, q_positions, kv_positions, head_offset,
                        operands):
-    """``jax.closure_convert`` of score_mod at the tile shapes, so closed-over arrays
-    become explicit (differentiable) operands of the custom_vjp. The example
-    arguments are real (tiny) arrays, varying over the same shard_map axes as the
-    tiles the kernel will pass."""
+    """score_mod closure-converted at the tile shapes
+    (:func:`attention_jax.kernels.closures.convert_varying`), so closed-over arrays
+    become explicit (differentiable) operands of the custom_vjp, marked varying over
+    the shard_map axes of ``operands`` (their gradient is summed over devices once)."""
     qp = tiles.padded_positions(q_positions, cfg.T, cfg.nq * cfg.block_q)
     kp = tiles.padded_positions(kv_positions, cfg.S, cfg.nk * cfg.block_kv)
     idx = tiles.tile_index(0, 0, cfg, B, qp, kp, head_offset)
@@ -152,8 +152,9 @@ def _convert_score_mod(score_mod, cfg: Config, B, q_positions, kv_positions, hea
         out = jnp.asarray(score_mod(s, b, n, t, kv))
         return jnp.broadcast_to(out, tile_shape).astype(jnp.float32)
 
-    example = tiles.varying_like(jnp.zeros(tile_shape, jnp.float32), *operands)
-    return jax.closure_convert(fn, example, idx.b, idx.n, idx.q_pos, idx.kv_pos)
+    example = jax.ShapeDtypeStruct(tile_shape, jnp.float32)
+    return closures.convert_varying(fn, (example, idx.b, idx.n, idx.q_pos, idx.kv_pos),
+                                    operands)
 
 
 

@@ -9,11 +9,8 @@ made explicit operands, so that gradients flow to them through the ring's
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
-from jax import lax
-from jax.extend import core as jex_core
 
-from attention_jax.kernels import block_step, tiles
+from attention_jax.kernels import block_step
 
 Array = jax.Array
 
@@ -27,11 +24,10 @@ def convert_score_mod(score_mod, q: Array, k: Array, v: Array, *, q_positions=No
 
     The closed-over arrays (e.g. learned ALiBi slopes) become ``consts``, so a
     ``custom_vjp`` can take them as operands and return their cotangents. Inside
-    ``jax.shard_map`` they are marked varying over the axes q, k, v vary over
-    (``lax.pcast``): every device's kernel keeps its own cotangent (no collective per
-    tile) and autodiff sums them once, in the transpose of that mark. ``fn`` replays
-    the traced function with each operation's operands cast to their common varying
-    axes (what ``jax.numpy`` does while tracing), so it runs on the marked arrays.
+    ``jax.shard_map`` they are marked varying over the axes q, k, v vary over, so
+    autodiff sums their per-device cotangents once
+    (:func:`attention_jax.kernels.closures.convert_varying`, which the blockwise
+    kernel uses too).
 
     Args:
       score_mod: ``fn(score, b, n, t, s)`` (as in
@@ -43,66 +39,9 @@ def convert_score_mod(score_mod, q: Array, k: Array, v: Array, *, q_positions=No
       ``(fn, consts)``; :func:`bind_score_mod` gives back a ``score_mod``.
     """
     built = block_step._build(q, k, v, None, is_causal=False, scale=None, block_q=block_q,
-                              block_kv=block_kv, score_mod=None, q_positions=q_positions,
+                              block_kv=block_kv, score_mod=score_mod, q_positions=q_positions,
                               kv_positions=kv_positions, head_offset=head_offset)
-    cfg, q_pos, kv_pos = built[0], built[5], built[6]
-    idx = tiles.tile_index(0, 0, cfg, q.shape[0],
-                           tiles.padded_positions(q_pos, cfg.T, cfg.nq * cfg.block_q),
-                           tiles.padded_positions(kv_pos, cfg.S, cfg.nk * cfg.block_kv), 0)
-    tile = (q.shape[0], cfg.K, cfg.block_q, cfg.G, cfg.block_kv)
-    examples = [jnp.zeros(tile, jnp.float32)] + [  # shapes only: nothing varying
-        jnp.zeros(jnp.shape(x), jnp.int32) for x in (idx.b, idx.n, idx.q_pos, idx.kv_pos)]
-    closed = jax.make_jaxpr(score_mod)(*examples)
-    consts = tuple(tiles.varying_like(jnp.asarray(c), q, k, v, *closed.consts)
-                   for c in closed.consts)
-
-    def fn(score, b, n, t, s, *cs):
-        return _replay(closed.jaxpr, cs, score, b, n, t, s)[0]
-
-    return fn, consts
-
-
-_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
-          "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
-          "checkpoint": "jaxpr", "remat": "jaxpr"}
-
-
-def _replay(jaxpr, consts, *args):
-    """Evaluates ``jaxpr``, casting each operation's operands to their common varying
-    mesh axes (``pvary`` adds only the axes its operand lacks); calls are inlined."""
-    env = {}
-
-    def read(var):
-        return var.val if isinstance(var, jex_core.Literal) else env[var]
-
-    for var, x in zip(jaxpr.constvars, consts, strict=True):
-        env[var] = x
-    for var, x in zip(jaxpr.invars, args, strict=True):
-        env[var] = x
-    for eqn in jaxpr.eqns:
-        ins = [read(var) for var in eqn.invars]
-        name = eqn.primitive.name
-        if name == "pvary":
-            outs = [_vary(x, eqn.params["axes"]) for x in ins]
-        elif name in _CALLS and _CALLS[name] in eqn.params:
-            inner = eqn.params[_CALLS[name]]
-            sub, sub_consts = (inner.jaxpr, inner.consts) if hasattr(inner, "consts") else (
-                inner, ())
-            outs = _replay(sub, sub_consts, *ins)
-        else:
-            ins = [tiles.varying_like(jnp.asarray(x), *ins) for x in ins]
-            with eqn.ctx.manager:
-                outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
-            outs = outs if eqn.primitive.multiple_results else [outs]
-        for var, x in zip(eqn.outvars, outs, strict=True):
-            env[var] = x
-    return [read(var) for var in jaxpr.outvars]
-
-
-def _vary(x, axes):
-    """``x`` varying over ``axes`` too (a no-op for the axes it already varies over)."""
-    missing = tuple(a for a in axes if a not in tiles.varying_axes(x))
-    return lax.pcast(x, missing, to="varying") if missing else x
+    return built[1], built[9]  # the blockwise kernel's own conversion
 
 
 def bind_score_mod(fn, consts):
