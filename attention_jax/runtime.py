@@ -37,3 +37,13 @@ def use_fake_cpu_devices(count: int = 8) -> None:
         )
         return
     os.environ["XLA_FLAGS"] = f"{flags} {_FLAG}={count}".strip()
+
+
+def without_device_count(flags: str) -> str:
+    """``XLA_FLAGS`` minus its CPU device count, the other flags kept: for a child
+    process that chooses its own count.
+
+    >>> without_device_count("--xla_force_host_platform_device_count=8 --xla_cpu_ftz=true")
+    '--xla_cpu_ftz=true'
+    """
+    return " ".join(f for f in flags.split() if f.split("=")[0] != _FLAG)

@@ -275,9 +275,11 @@ def launch(num_processes: int = 2, cpu_devices: int = 4, mesh_shape=(2, 4), head
     """
     if context is not None and checkpoint_dir is not None:
         raise ValueError("checkpoint_dir is not taken with context (one or the other)")
+    from attention_jax import runtime
+
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")  # the workers choose their device count
+    env["XLA_FLAGS"] = runtime.without_device_count(env.get("XLA_FLAGS", ""))
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.npz")
         procs = [

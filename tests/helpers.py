@@ -3,13 +3,19 @@
 * :func:`numpy_attention`: the float64 numpy reference of attention.
 * Blockwise-style checks: :func:`inputs`, :func:`mask_of_kind`, :func:`via_ops`,
   :func:`check_against_einsum` and their stated tolerances.
+* :func:`child_env`: the environment for a test's child process.
 """
+
+import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attention_jax import ops
+from attention_jax import ops, runtime
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # Stated tolerances (absolute; values and gradients are O(1) here).
 F32_TOL = dict(atol=2e-5, rtol=2e-5)
@@ -193,3 +199,22 @@ def hf_configs():
                                  rms_norm_eps=1e-5),
                   olmo2.Olmo2Attention, olmo2.Olmo2RotaryEmbedding),
     }
+
+
+def child_env(*, keep_devices: bool = False) -> dict[str, str]:
+    """This session's environment for a child process (CLI, scripts, notebooks, README
+    snippets): CPU only, the checkout importable, this session's compilation cache,
+    and conftest's cheap-compile XLA flags; the fake device count dropped unless
+    ``keep_devices`` (the child then chooses its own, as a user's process would)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    flags = env.get("XLA_FLAGS", "")
+    flags = flags if keep_devices else runtime.without_device_count(flags)
+    if flags:
+        env["XLA_FLAGS"] = flags
+    else:
+        env.pop("XLA_FLAGS", None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    if jax.config.jax_compilation_cache_dir:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(jax.config.jax_compilation_cache_dir)
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    return env

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -24,6 +23,7 @@ from flax import nnx
 
 from attention_jax import checkpoint
 from attention_jax import sharding as sh
+from tests.helpers import child_env
 
 # float32 losses / params: a different mesh sums the heads' partial outputs and the
 # batch's gradients in another order; a few SGD steps keep that at rounding level.
@@ -165,12 +165,7 @@ def test_steps_and_errors(tmp_path):
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env["JAX_PLATFORMS"] = "cpu"
-    env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".jax_cache")
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
-    return env
+    return child_env(keep_devices=True)  # the runs take 8 devices
 
 
 def _records(lines) -> list[dict]:

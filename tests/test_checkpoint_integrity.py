@@ -33,6 +33,7 @@ from flax import nnx
 
 from attention_jax import MultiHeadAttention, checkpoint
 from attention_jax import sharding as sh
+from tests.helpers import child_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}  # (N, K)
@@ -263,10 +264,7 @@ class _Big(nnx.Module):
 def _kill_a_save(ckpt):
     """Runs the saver and SIGKILLs it while orbax writes a step: ``(seen tmp files, the
     half-written step directories left)``."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # one device is enough
-    proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(ckpt)], env=env,
+    proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(ckpt)], env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         for line in proc.stdout:  # steps 1 and 2 are complete once step 3 starts

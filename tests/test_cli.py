@@ -23,11 +23,11 @@ import pytest
 from attention_jax import cli
 from attention_jax.benchmarks import attention as bench_attention
 from tests.conftest import visible_lines
+from tests.helpers import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 240  # per subprocess, generous: the machine is shared
 ATOL_BF16 = 0.1  # max |difference| of bfloat16 results (sharded vs one device, jax vs torch)
-FAKE_FLAG = "--xla_force_host_platform_device_count"
 
 
 # ---------------------------------------------------------------------------
@@ -176,16 +176,7 @@ def test_usage_errors_exit_2_with_a_message(argv, message, capsys):
 
 def _env() -> dict[str, str]:
     """This session's environment without its device flag, with its compilation cache."""
-    import jax
-
-    env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(FAKE_FLAG)]
-    env["XLA_FLAGS"] = " ".join(flags)
-    env["JAX_PLATFORMS"] = "cpu"
-    if jax.config.jax_compilation_cache_dir:
-        env["JAX_COMPILATION_CACHE_DIR"] = str(jax.config.jax_compilation_cache_dir)
-        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
-    return env
+    return child_env()
 
 
 def _run(*args: str, code: int = 0) -> subprocess.CompletedProcess:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import child_env
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "experiments" / "gpu_suite.py"
 TIMEOUT_S = 600  # generous: the machine is shared; the dry run takes about a minute
@@ -30,12 +32,9 @@ def _load_suite():
 def dry_run(tmp_path_factory):
     pytest.importorskip("torch")
     out = tmp_path_factory.mktemp("gpu_suite")
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if not f.startswith("--xla_force_host_platform_device_count"))
-    env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+                          cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "gpu_suite.json").read_text()), out, proc.stdout
 

@@ -33,13 +33,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import pathlib
-import re
 import sys
 import time
 
-import jax
 import pytest
 
 jupytext = pytest.importorskip("jupytext")
@@ -49,6 +46,8 @@ pytest.importorskip("ipykernel")
 from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402
 from jupyter_client.manager import AsyncKernelManager  # noqa: E402
 from traitlets import default  # noqa: E402
+
+from tests.helpers import child_env  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -159,20 +158,7 @@ def kernel_manager_class(tmp_path_factory) -> type[AsyncKernelManager]:
 
 
 def _kernel_env() -> dict[str, str]:
-    env = dict(os.environ)
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
-    if flags.strip():
-        env["XLA_FLAGS"] = flags.strip()
-    else:
-        env.pop("XLA_FLAGS", None)
-    env["MPLBACKEND"] = MPL_INLINE
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    cache_dir = jax.config.jax_compilation_cache_dir
-    if cache_dir:
-        env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
-        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(
-            jax.config.jax_persistent_cache_min_compile_time_secs)
-    return env
+    return {**child_env(), "MPLBACKEND": MPL_INLINE}
 
 
 def _text(outputs) -> str:

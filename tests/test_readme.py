@@ -10,19 +10,18 @@ must be those values, in order.
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 import subprocess
 import sys
 
-import jax
 import pytest
+
+from tests.helpers import child_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 TIMEOUT_S = 300  # one block, generous: the machine is shared
-FAKE_FLAG = "--xla_force_host_platform_device_count"
 PRINT_WITH_VALUE = re.compile(r"^\s*print\(.*\)\s*#\s*(?P<value>.+?)\s*$")
 
 
@@ -48,15 +47,7 @@ def expected_output(code: str) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(FAKE_FLAG)]
-    env["XLA_FLAGS"] = " ".join(flags)
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    if jax.config.jax_compilation_cache_dir:
-        env["JAX_COMPILATION_CACHE_DIR"] = str(jax.config.jax_compilation_cache_dir)
-        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
-    return env
+    return child_env()  # no fake devices preset: a snippet that needs them says so
 
 
 SNIPPETS = snippets()

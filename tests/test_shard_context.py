@@ -5,12 +5,12 @@ lengths, and reads back the JSON it wrote under a temporary ``--out``.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from attention_jax.benchmarks import head_parallel
+from tests.helpers import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 300  # the machine is shared
@@ -21,9 +21,8 @@ def test_shard_context_writes_its_json_table_and_counts(tmp_path):
     cmd = [sys.executable, "-m", "attention_jax", "shard", "--context", "--quick",
            "--devices", "4", "--lengths", "64", "--contexts", "1", "2", "4",
            "--dtype", "float32", "--out", str(out)]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # --devices decides
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
-                          env=env)
+                          env=child_env())  # --devices decides
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = json.loads((out / "context.json").read_text())
     assert (out / "context.md").read_text().startswith("| T | context | strategy")
