@@ -12,9 +12,7 @@ operations; only code generation is cheaper.
 Subprocesses started by tests (CLI, notebooks, README snippets) inherit the flags.
 Benchmarks are never timed here; run them outside pytest.
 
-Every compiled program is also written to the persistent cache (read back by later
-modules, the other worker and child processes). Compiled programs are dropped
-after each test module (``jax.clear_caches``):
+Compiled programs are dropped after each test module (``jax.clear_caches``):
 the in-memory caches otherwise keep every program of the whole run, and one
 worker grew to 5.7 GB.
 """
@@ -66,15 +64,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
-# Every program goes to the persistent cache, however quick its compile: the suite
-# compiles the same small programs again and again (in each module after its caches
-# are dropped, in each worker, in each child process), and a cold run reads back the
-# copies it wrote earlier (a group of four modules: 126 -> 113 s). Bounded, least
-# recently used entries deleted first.
-MIN_COMPILE_TIME_S = 0
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_S)
-jax.config.update("jax_compilation_cache_max_size", 2 << 30)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 import ctypes  # noqa: E402
