@@ -91,10 +91,11 @@ def check_decode_inputs(config: AttentionConfig, x: Array, cache: kv_cache.KVCac
         )
     K = config.num_kv_heads if num_kv_heads is None else num_kv_heads
     H, V = config.head_dim, config.v_head_dim
-    if cache.k.shape[2:] != (K, H) or cache.v.shape[2:] != (K, V):
+    if ((cache.k.shape[1], cache.k.shape[3:]) != (K, (H,))
+            or (cache.v.shape[1], cache.v.shape[3:]) != (K, (V,))):
         raise ValueError(
             f"cache k {cache.k.shape} / v {cache.v.shape} do not fit the module: expected "
-            f"[B, L, K={K}, H={H}] / [B, L, K={K}, V={V}] (use module.init_cache)"
+            f"[B, K={K}, L, H={H}] / [B, K={K}, L, V={V}] (use module.init_cache)"
         )
     if x.shape[0] != cache.batch_size:
         raise ValueError(f"x has batch {x.shape[0]} but the cache has {cache.batch_size}")

@@ -138,8 +138,8 @@ class MultiHeadAttention(nnx.Module):
     >>> cache = mha.init_cache(batch_size=2, max_length=16)
     >>> y, cache = mha.decode(jnp.ones((2, 5, 64)), cache)       # prefill 5 tokens
     >>> y, cache = mha.decode(jnp.ones((2, 1, 64)), cache)       # one step
-    >>> cache.k.shape, cache.lengths.tolist()                    # sized by K = 2
-    ((2, 16, 2, 8), [6, 6])
+    >>> cache.k.shape, cache.lengths.tolist()                    # [B, K = 2, L, H]
+    ((2, 2, 16, 8), [6, 6])
     """
 
     def __init__(

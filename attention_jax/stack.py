@@ -10,8 +10,8 @@ flat in L, and a decode step is one jitted call.
 The KV cache stays the per-layer :class:`~attention_jax.cache.KVCache` pytree; a
 stacked cache is that pytree with a leading ``L_layers`` axis on every leaf (a
 tree-map, :func:`init_stacked_cache`, :func:`stack_caches`), so ``k`` is
-``[L_layers, B, L, K, H]`` and ``lengths`` ``[L_layers, B]``; the scan hands layer
-``l`` its slice ``[B, L, K, H]``. Its ``batch_size`` / ``max_length`` properties
+``[L_layers, B, K, L, H]`` and ``lengths`` ``[L_layers, B]``; the scan hands layer
+``l`` its slice ``[B, K, L, H]``. Its ``batch_size`` / ``max_length`` properties
 read the per-layer shapes and do not apply to the stacked pytree: use
 :func:`layer_cache` for one layer.
 
@@ -29,8 +29,8 @@ The pattern, a 3-layer GQA stack: forward, then a prefill and one step::
     >>> stack.stack_forward(layers, x, is_causal=True).shape        # x + attn(x), 3 times
     (2, 5, 16)
     >>> cache = stack.init_stacked_cache(layers, 3, batch_size=2, max_length=8)
-    >>> cache.k.shape                                               # [L_layers, B, L, K, H]
-    (3, 2, 8, 2, 4)
+    >>> cache.k.shape                                               # [L_layers, B, K, L, H]
+    (3, 2, 2, 8, 4)
     >>> step = nnx.jit(stack.stack_decode)                          # one compiled step
     >>> y, cache = step(layers, x, cache)                           # prefill 5 tokens
     >>> y, cache = step(layers, x[:, :1], cache)                    # one token
@@ -187,7 +187,7 @@ def init_stacked_cache(module_or_config: Any, num_layers: int, batch_size: int,
                        max_length: int, dtype: Any = None, *,
                        padding: Array | None = None) -> kv_cache.KVCache:
     """An empty cache for every layer: a :class:`~attention_jax.cache.KVCache` whose
-    leaves have a leading ``[L_layers]`` axis (``k [L_layers, B, L, K, H]``).
+    leaves have a leading ``[L_layers]`` axis (``k [L_layers, B, K, L, H]``).
 
     Args:
       module_or_config: a module (a stack of them too) or its ``AttentionConfig``.

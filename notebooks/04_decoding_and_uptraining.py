@@ -56,7 +56,7 @@ print(f"jax {jax.__version__} on {jax.default_backend()}; repository at {ROOT}")
 # where it sits, and the cache must put every token at the right place.
 #
 # `init_cache(batch, max_length)` returns an empty `KVCache`, a pytree of plain
-# arrays: keys `[B, L, K, H]`, values `[B, L, K, V]` and the number of tokens each
+# arrays: keys `[B, K, L, H]`, values `[B, K, L, V]` and the number of tokens each
 # row holds. It is sized by $K$, not $N$. `decode(x, cache)` takes new tokens,
 # writes their keys and values at each row's current length, and returns the
 # outputs and the updated cache; nothing is hidden in the module.
@@ -135,9 +135,9 @@ for t in range(PROMPT, T):
     steps8.append(y_t)
 y_int8 = jnp.concatenate(steps8, axis=1)
 
-k_back = aj.cache.dequantize_int8(cache8.k, cache8.k_scale)[:, :T]  # [B, T, K, H]
-k_err = jnp.abs(k_back - cache.k[:, :T])
-half_step = cache8.k_scale[:, :T, :, None].astype(jnp.float32) / 2
+k_back = aj.cache.dequantize_int8(cache8.k, cache8.k_scale)[:, :, :T]  # [B, K, T, H]
+k_err = jnp.abs(k_back - cache.k[:, :, :T])
+half_step = cache8.k_scale[:, :, :T, None].astype(jnp.float32) / 2
 print(f"cache bytes: float32 {cache.nbytes}, int8 {cache8.nbytes} "
       f"({cache8.nbytes / cache.nbytes:.0%})")
 print(f"stored keys: max error {float(k_err.max()):.1e}; "

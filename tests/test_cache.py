@@ -112,7 +112,7 @@ def test_padded_tokens_are_not_stored():
     valid = np.array([1, 3, 0])
     _, cache = m.decode(jnp.ones((B, 5, D)), cache, valid_lengths=jnp.asarray(valid))
     np.testing.assert_array_equal(cache.lengths, valid)
-    stored = np.abs(np.asarray(cache.k)).sum((2, 3)) > 0  # [B, L]
+    stored = np.abs(np.asarray(cache.k)).sum((1, 3)) > 0  # [B, L]
     np.testing.assert_array_equal(stored, np.arange(L)[None, :] < valid[:, None])
 
 
@@ -134,7 +134,7 @@ def test_cache_is_a_typed_pytree_sized_by_kv_heads():
     m = aj.MultiHeadAttention(D, 8, num_kv_heads=2, head_dim=6, v_head_dim=3, rngs=nnx.Rngs(0))
     c = m.init_cache(3, 5)
     assert isinstance(c, kv.KVCache)
-    assert (c.k.shape, c.v.shape, c.lengths.shape) == ((3, 5, 2, 6), (3, 5, 2, 3), (3,))
+    assert (c.k.shape, c.v.shape, c.lengths.shape) == ((3, 2, 5, 6), (3, 2, 5, 3), (3,))
     assert c.lengths.dtype == jnp.int32 and c.k.dtype == jnp.float32 and not c.quantized
     leaves, tree = jax.tree_util.tree_flatten(c)
     assert len(leaves) == 6  # k, v, lengths, dropped, clipped, starts
@@ -176,11 +176,11 @@ def test_overflow_under_jit_drops_writes_and_saturates():
     np.testing.assert_array_equal(c.dropped, [2])
     with pytest.raises(ValueError, match=r"row 0 dropped 2 tokens \(max_length is 4"):
         c.check()
-    chex.assert_trees_all_close(c.k[:, :4], big_k[:, :4], atol=ATOL_F32, rtol=RTOL_F32)
+    chex.assert_trees_all_close(c.k[:, :, :4], big_k[:, :, :4], atol=ATOL_F32, rtol=RTOL_F32)
     _, c = step(m, x[:, 5:6], c)  # a full cache stays as is
     np.testing.assert_array_equal(c.lengths, [4])
     np.testing.assert_array_equal(c.dropped, [3])
-    chex.assert_trees_all_close(c.k[:, :4], big_k[:, :4], atol=ATOL_F32, rtol=RTOL_F32)
+    chex.assert_trees_all_close(c.k[:, :, :4], big_k[:, :, :4], atol=ATOL_F32, rtol=RTOL_F32)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.int8], ids=["f32", "int8"])
@@ -234,7 +234,7 @@ def test_int8_bytes_per_token_half_of_bf16():
     """H = V = 64, K = 2: int8 2*64*2 + scales 2*2*4 bytes = 272 against bf16 512."""
     m = aj.MultiHeadAttention(512, 8, num_kv_heads=2, rngs=nnx.Rngs(0))
     c8, c16 = m.init_cache(1, 4, jnp.int8), m.init_cache(1, 4, jnp.bfloat16)
-    assert c8.quantized and c8.k_scale.shape == (1, 4, 2)
+    assert c8.quantized and c8.k_scale.shape == (1, 2, 4)  # [B, K, L]
     assert c16.bytes_per_token == m.kv_bytes_per_token(jnp.bfloat16) == 2 * 2 * 64 * 2
     assert c8.bytes_per_token == 2 * 2 * 64 + 2 * 2 * 4
     assert c8.bytes_per_token / c16.bytes_per_token <= 0.54
@@ -245,7 +245,7 @@ def test_int8_bytes_per_token_half_of_bf16():
 
 def test_decode_shape_errors():
     m = _module("gqa", None)
-    with pytest.raises(ValueError, match=r"do not fit the module: expected \[B, L, K=2, H=4\]"):
+    with pytest.raises(ValueError, match=r"do not fit the module: expected \[B, K=2, L, H=4\]"):
         m.decode(jnp.ones((B, 1, D)), kv.init_cache(B, L, num_kv_heads=4, head_dim=4))
     with pytest.raises(ValueError, match="x has batch 2 but the cache has 3"):
         m.decode(jnp.ones((2, 1, D)), m.init_cache(B, L))
@@ -272,7 +272,7 @@ def test_valid_lengths_outside_range_under_jit_are_clipped_and_counted():
     np.testing.assert_array_equal(c.lengths, [0, 2])
     np.testing.assert_array_equal(c.clipped, [1, 1])
     np.testing.assert_array_equal(c.dropped, [0, 0])
-    stored = np.abs(np.asarray(c.k)).sum((2, 3)) > 0  # [B, L]
+    stored = np.abs(np.asarray(c.k)).sum((1, 3)) > 0  # [B, L]
     np.testing.assert_array_equal(stored.sum(1), [0, 2])
     with pytest.raises(ValueError, match=r"row 0 had valid_lengths outside \[0, t\] in 1"):
         c.check()
@@ -321,12 +321,12 @@ def test_checked_mode_raises_inside_jit():
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Kernel blocks of 4 tokens, split-K from 2 blocks on: every step walks several blocks
-    (split-K where the contraction is grouped; single query rows of MHA / GQA go flat)."""
+    """Kernel blocks of 4 tokens, two split-K chunks from 2 blocks on (CPU's default is
+    one chunk): every step walks several blocks in each of two chunks."""
     from attention_jax.kernels import decode
 
     monkeypatch.setattr(decode, "BLOCK_BYTES", 1)
-    monkeypatch.setattr(decode, "FLAT_BLOCK_BYTES", 1)
+    monkeypatch.setattr(decode, "CPU_SPLITS", 2)
     monkeypatch.setattr(decode, "MIN_BLOCK", 4)
     monkeypatch.setattr(decode, "SPLIT_MIN_BLOCKS", 2)
     return decode
@@ -397,7 +397,7 @@ def test_partially_filled_cache_equals_tight_cache(small_blocks):
         cache = m.init_cache(B, slots)
         _, cache = step(m, x[:, :7], cache)
         if slots == LONG:
-            cache = cache.replace(v=cache.v.at[:, 8:].set(jnp.nan))
+            cache = cache.replace(v=cache.v.at[:, :, 8:].set(jnp.nan))
         y, cache = step(m, x[:, 7:8], cache)
         outs.append(y)
     assert np.isfinite(np.asarray(outs[1])).all()

@@ -220,14 +220,14 @@ def test_decode_over_context_equals_one_device(mesh_shape, heads, options):
     x = _dec_tokens()
     ys0, c0 = _dec_run(ref.decode, ref.init_cache(B, DEC_L, cache_dtype), x)
     c1 = hp.init_cache(B, DEC_L, cache_dtype)
-    assert c1.k.sharding.spec[1] == "context"
+    assert c1.k.sharding.spec[2] == "context"
     for shard in c1.k.addressable_shards:
-        assert shard.data.shape[1] == DEC_L // mesh_shape[2]  # slots split, not copied
+        assert shard.data.shape[2] == DEC_L // mesh_shape[2]  # slots split, not copied
     step = nnx.jit(lambda hp, x, c, **kw: hp.decode(x, c, **kw), donate_argnums=2)
     ys1, c1 = _dec_run(lambda x, c, **kw: step(hp, x, c, **kw), c1, x)
     for y0, y1 in zip(ys0, ys1, strict=True):
         chex.assert_trees_all_close(y1, y0, atol=ATOL_F32, rtol=RTOL_F32)
-    assert c1.k.sharding.spec[1] == "context"
+    assert c1.k.sharding.spec[2] == "context"
     np.testing.assert_array_equal(c1.lengths, DEC_PROMPT + DEC_STEPS)
     if cache_dtype is None:
         chex.assert_trees_all_close(c1, c0, atol=ATOL_F32, rtol=RTOL_F32)
@@ -301,7 +301,7 @@ def test_decode_over_context_cache_length_and_a_placed_cache():
     ref, x = _dec_module("gqa"), _dec_tokens()
     _, c0 = ref.decode(x[:, :6], ref.init_cache(B, 16))
     c1 = sh.shard_cache(c0, hp.module, hp.mesh)
-    assert c1.k.sharding.spec == jax.sharding.PartitionSpec("data", "context", "model", None)
+    assert c1.k.sharding.spec == jax.sharding.PartitionSpec("data", "model", "context", None)
     y0, c0 = ref.decode(x[:, 6:7], c0)
     y1, c1 = hp.decode(x[:, 6:7], c1)
     chex.assert_trees_all_close(y1, y0, atol=ATOL_F32, rtol=RTOL_F32)

@@ -2,7 +2,9 @@
 
 The reference is ``ops.attention_core`` (einsum contractions per kv head); the
 decode backend contracts the flattened ``[B, S, K*H]`` rows against block-diagonal
-queries instead, so the two share only the mask and softmax code.
+queries instead, so the two share only the mask and softmax code. ``cache_attention``
+reads a head-major ``[B, K, L, H]`` cache (``attention_jax.cache``), checked against the
+einsum path over the token-major copy of the same keys.
 """
 
 import jax
@@ -94,6 +96,7 @@ def test_module_decode_uses_the_same_numbers_with_either_backend():
 
 
 def _cache_inputs(N, K, t, L, dtype=jnp.float32, seed=0):
+    """q ``[2, t, N, 16]``, token-major k ``[2, L, K, 16]`` and v ``[2, L, K, 8]``."""
     r = np.random.default_rng(seed)
     q = jnp.asarray(r.standard_normal((2, t, N, 16)), jnp.float32)
     k = jnp.asarray(r.standard_normal((2, L, K, 16)), jnp.float32)
@@ -101,13 +104,17 @@ def _cache_inputs(N, K, t, L, dtype=jnp.float32, seed=0):
     return q, k, v
 
 
+def _head_major(x):
+    """``[B, L, K, ...]`` as the cache stores it, ``[B, K, L, ...]``."""
+    return jnp.swapaxes(x, 1, 2)
+
+
 @pytest.mark.parametrize("heads", list(HEADS))
 @pytest.mark.parametrize(("block", "splits", "contraction"),
-                         [(7, 1, "flat"), (7, 3, "grouped"), (16, 2, "flat"), (50, 1, "grouped")])
+                         [(7, 1, None), (7, 3, "grouped"), (16, 2, None), (50, 1, "grouped")])
 def test_cache_attention_matches_reference(heads, block, splits, contraction):
     """Blocks that do not divide L (clamped last block), several chunks, ragged rows with
-    padded queries, both block contractions; against the einsum path over all L positions
-    with cache.decode_mask."""
+    padded queries; against the einsum path over all L positions with cache.decode_mask."""
     from attention_jax import cache as kv
 
     N, K = HEADS[heads]
@@ -116,12 +123,12 @@ def test_cache_attention_matches_reference(heads, block, splits, contraction):
     lengths, valid = jnp.array([4, 44]), jnp.array([3, 2])
     expected = ops.dot_product_attention(q, k, v, kv.decode_mask(lengths, t, L, valid),
                                          implementation="xla")
-    out = decode.cache_attention(q, k, v, lengths, valid, block=block, splits=splits,
-                                 contraction=contraction)
+    out = decode.cache_attention(q, _head_major(k), _head_major(v), lengths, valid,
+                                 block=block, splits=splits, contraction=contraction)
     np.testing.assert_allclose(out, expected, **F32_TOL)
 
 
-@pytest.mark.parametrize("contraction", ["flat", "grouped"])
+@pytest.mark.parametrize("contraction", [None, "grouped"])
 def test_cache_attention_int8_window_and_an_empty_row(contraction):
     """int8 blocks dequantized in the loop equal the dequantized cache; a window mask (the loop
     starts at its first open block); a row whose queries see nothing gives zeros."""
@@ -136,6 +143,7 @@ def test_cache_attention_int8_window_and_an_empty_row(contraction):
     mask = masks.combine_masks(kv.decode_mask(lengths, t, L, valid), window)
     expected = ops.dot_product_attention(q, kv.dequantize_int8(kq, ks), kv.dequantize_int8(vq, vs),
                                          mask, implementation="xla")
+    kq, ks, vq, vs = (_head_major(x) for x in (kq, ks, vq, vs))  # scales [B, K, L]
     out = decode.cache_attention(q, kq, vq, lengths, valid, k_scale=ks, v_scale=vs,
                                  mask=window, block=8, splits=2, contraction=contraction)
     np.testing.assert_allclose(out, expected, **F32_TOL)
@@ -143,30 +151,39 @@ def test_cache_attention_int8_window_and_an_empty_row(contraction):
 
 
 def test_block_and_split_rules():
-    assert decode.block_tokens(1, 32768, 8192) == decode.MIN_BLOCK
+    assert decode.block_tokens(1, 32768, 1 << 20) == decode.MIN_BLOCK
     assert decode.block_tokens(1, 100, 4) == 100  # capped by the cache
+    assert decode.block_tokens(1, 1 << 20, 4) == decode.MAX_BLOCK
     bt = decode.block_tokens(2, 1 << 20, 512)
-    assert bt & (bt - 1) == 0 and 2 * bt * 512 <= decode.BLOCK_BYTES
+    assert bt & (bt - 1) == 0 and 2 * bt * 512 <= decode.BLOCK_BYTES < 4 * bt * 512
+    # float32 MHA / GQA / MQA at N = 16, H = V = 64: the measured best blocks
+    assert [decode.block_tokens(1, 32768, 4 * K * 128) for K in (16, 4, 1)] == [1024, 4096, 8192]
     assert decode.num_splits(4096, 4096, "cpu") == 1
-    # flat block contractions: one query row of MHA / GQA; not MQA (the same dot), not t = 4
-    assert decode.flat_blocks(16, 1) and decode.flat_blocks(4, 4)
-    assert not decode.flat_blocks(1, 1) and not decode.flat_blocks(16, 4)
-    assert not decode.flat_blocks(16, 1, jnp.int8)  # the transpose fuses with the dequantization
-    assert decode.block_tokens(1, 32768, 8192, target=decode.FLAT_BLOCK_BYTES) == 512
+    assert decode.num_splits(32768, 1024, "cpu") == 1  # XLA:CPU spreads each block itself
+    assert decode.num_splits(32768, 1024, "gpu") == decode.GPU_SPLITS
+    assert decode.num_splits(2048, 1024, "gpu") == 1  # fewer than SPLIT_MIN_BLOCKS blocks
 
 
 def test_block_contractions_agree_and_a_bad_one_is_named():
+    """Token-major flat and grouped blocks, and the head-major ones, give the same numbers."""
     q, k, v = _cache_inputs(8, 4, 1, 24)
     qf = q.reshape(2, 1, 4, 2, 16)
     grouped = decode.block_logits(qf, k)
     np.testing.assert_allclose(decode.block_logits(qf, k, decode.block_diagonal_queries(qf)),
                                grouped, **F32_TOL)
+    np.testing.assert_allclose(decode.head_logits(qf, _head_major(k)), grouped, **F32_TOL)
     w = jax.nn.softmax(grouped, axis=-1)
     np.testing.assert_allclose(decode.block_values(w, v, flat=True),
                                decode.block_values(w, v), **F32_TOL)
+    np.testing.assert_allclose(decode.head_values(w, _head_major(v)),
+                               decode.block_values(w, v), **F32_TOL)
+    kh, vh, n, one = _head_major(k), _head_major(v), jnp.array([3, 5]), jnp.ones(2, jnp.int32)
     with pytest.raises(ValueError, match=r"contraction must be .* got 'diagonal'"):
-        decode.cache_attention(q, k, v, jnp.array([3, 5]), jnp.ones(2, jnp.int32),
-                               contraction="diagonal")
+        decode.cache_attention(q, kh, vh, n, one, contraction="diagonal")
+    with pytest.raises(ValueError, match=r"'flat' reads a token-major .* head-major"):
+        decode.cache_attention(q, kh, vh, n, one, contraction="flat")
+    with pytest.raises(ValueError, match=r"cache keys \(2, 24, 4, 16\) .* \[B=2, K, L, H=16\]"):
+        decode.cache_attention(q, k, vh, n, one)  # a token-major cache: named, not misread
 
 
 # One step through the module, jitted with the cache donated, for the HLO checks.
@@ -175,7 +192,6 @@ HLO_L = 8192
 
 def _compiled_step(variant, dtype, t, length, monkeypatch):
     monkeypatch.setattr(decode, "BLOCK_BYTES", 1 << 14)  # 16 KB blocks: many per cache
-    monkeypatch.setattr(decode, "FLAT_BLOCK_BYTES", 1 << 14)
     monkeypatch.setattr(decode, "MIN_BLOCK", 16)
     N, K = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}[variant]
     m = MultiHeadAttention(64, N, num_kv_heads=K, rngs=nnx.Rngs(0))

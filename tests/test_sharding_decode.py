@@ -107,11 +107,11 @@ def test_sharded_int8_cache_equals_unsharded_int8(heads):
 def test_cache_layout_follows_the_heads(heads, kv_spec, local_kv):
     """k/v: rows over data, kv heads over model when split, all K on each device otherwise."""
     _, hp, _, cache = _pair(*heads, (2, 4))
-    want = P("data", None, kv_spec, None)
+    want = P("data", kv_spec, None, None)  # [B, K, L, H]
     assert cache.k.sharding.spec == want and cache.v.sharding.spec == want
     assert cache.lengths.sharding.spec == P("data")
     for shard in cache.k.addressable_shards:
-        assert shard.data.shape == (B // 2, L, local_kv, H)
+        assert shard.data.shape == (B // 2, local_kv, L, H)
     _, cache = hp.decode(_tokens()[:, :2], cache)  # the step keeps the layout
     assert cache.k.sharding.spec == want
 
@@ -138,7 +138,7 @@ def test_auto_mesh_and_a_prefilled_unsharded_cache():
     x = _tokens()
     y, c0 = m.decode(x[:, :4], c0)
     c1 = sh.shard_cache(c0, hp.module, hp.mesh)
-    assert c1.k.sharding.spec == P("data", None, "model", None)
+    assert c1.k.sharding.spec == P("data", "model", None, None)
     window = masks.sliding_window_mask(1, L, window=3, offset=c0.lengths)  # [B, 1, 1, L]
     y0, c0 = m.decode(x[:, 4:5], c0, mask=window)
     y1, c1 = hp.decode(x[:, 4:5], c1, mask=window)

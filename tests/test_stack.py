@@ -192,7 +192,7 @@ def test_init_stacked_cache_is_stacked_per_layer_caches():
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             assert a.shape == b.shape and a.dtype == b.dtype
             np.testing.assert_array_equal(a, b)
-    assert st.init_stacked_cache(m, 3, B, 8).k.shape == (3, B, 8, 2, H)
+    assert st.init_stacked_cache(m, 3, B, 8).k.shape == (3, B, 2, 8, H)
 
 
 # ---------------------------------------------------------------------------

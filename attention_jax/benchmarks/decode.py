@@ -102,8 +102,9 @@ def filled_cache(module, batch, length, dtype, key, filled: int | None = None) -
         raise ValueError(f"filled must be in [1, length - 1] = [1, {length - 1}] (room for "
                          f"one step); got filled={filled}")
     empty, (kk, kv) = module.init_cache(batch, length, dtype), jax.random.split(key)
-    k = jax.random.normal(kk, (batch, filled, *empty.k.shape[2:]), jnp.float32)
-    v = jax.random.normal(kv, (batch, filled, *empty.v.shape[2:]), jnp.float32)
+    K = empty.num_kv_heads
+    k = jax.random.normal(kk, (batch, filled, K, *empty.k.shape[3:]), jnp.float32)
+    v = jax.random.normal(kv, (batch, filled, K, *empty.v.shape[3:]), jnp.float32)
     return kv_cache.update(empty, k, v)  # quantizes for int8
 
 
@@ -160,13 +161,11 @@ def torch_step_fns(module, cache: KVCache, x, device: str):
     w_o = p["o_kernel"].reshape(N * V, -1).T.contiguous()
     b = {n: None if p[n] is None else p[n].reshape(-1) for n in ("q_bias", "k_bias", "v_bias")}
     if cache.quantized:  # int8 [B, K, L, H] and float32 scales [B, K, L]
-        kc, vc = (torch.tensor(np.asarray(a), device=device).transpose(1, 2).contiguous()
-                  for a in (cache.k, cache.v))
-        ks, vs = (tensor(a, torch.float32).transpose(1, 2).contiguous()
-                  for a in (cache.k_scale, cache.v_scale))
-    else:  # SDPA's layout [B, K, L, H]
+        kc, vc = (torch.tensor(np.asarray(a), device=device) for a in (cache.k, cache.v))
+        ks, vs = (tensor(a, torch.float32) for a in (cache.k_scale, cache.v_scale))
+    else:  # SDPA's layout [B, K, L, H], the cache's own
         cdt = getattr(torch, jnp.dtype(cache.k.dtype).name)
-        kc, vc = (tensor(a, cdt).transpose(1, 2).contiguous() for a in (cache.k, cache.v))
+        kc, vc = (tensor(a, cdt) for a in (cache.k, cache.v))
     xt, pos, out = tensor(x), int(cache.lengths[0]), {}
     B = xt.shape[0]
 

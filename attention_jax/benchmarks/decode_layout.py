@@ -1,10 +1,10 @@
 """Cache layout: one query row attending to a token-major or a head-major cache.
 
 The ``layout`` section of :mod:`attention_jax.benchmarks.decode`
-(``attention-jax decode --sections layout``). The cache stores ``[B, S, K, H]``
-(token-major, :mod:`attention_jax.cache`); torch's is ``[B, K, S, H]``
-(head-major). For each variant and S, jitted and interleaved with the floor (a
-``jnp.sum`` over the same bytes):
+(``attention-jax decode --sections layout``). The cache stores ``[B, K, S, H]``
+(head-major, as torch's, :mod:`attention_jax.cache`); it stored ``[B, S, K, H]``
+(token-major) before this comparison decided the layout. For each variant and S,
+jitted and interleaved with the floor (a ``jnp.sum`` over the same bytes):
 
 * ``token_major_ms``: ``ops.dot_product_attention(..., implementation="decode")``
   on ``[B, S, K, H]`` (reads it as ``[B, S, K*H]`` rows, in place);

@@ -134,27 +134,35 @@ def decode_core(
 # Attention over a KV cache: only the filled blocks, split-K, read in place
 # ---------------------------------------------------------------------------
 
-# Bytes of keys + values (all rows) one cache block should hold, and the bounds on
-# its tokens. Measured on CPU (see ``block_tokens``).
-BLOCK_BYTES = 1 << 20
+# Bytes of float32 keys + values (all rows, as the block is computed on: an int8
+# or bf16 block is converted first) one cache block should hold, and the bounds on
+# its tokens. Measured on 2 CPU cores, one query row, N = 16, H = 64, S = 32768,
+# head-major cache, ms by block tokens (9 interleaved rounds, load 0.2-1.2):
+#   MHA f32   512: 22.5  1024: 17.5  2048: 22.0      (int8: 11.8 / 9.0 / 15.3)
+#   GQA K=4  1024: 7.3   2048: 6.4   4096: 6.5  8192: 8.4  (int8 4096: 4.8)
+#   MQA      2048: 4.4   4096: 3.3   8192: 3.1       (int8 8192: 2.5)
+# i.e. about 16k head rows (8 MB of float32 keys and values at H = V = 64) per block.
+BLOCK_BYTES = 8 << 20
 MIN_BLOCK, MAX_BLOCK = 128, 8192
 # Split-K: the filled blocks are cut into this many contiguous chunks, each with its
 # own online softmax (independent work XLA can run concurrently), merged at the end
-# by their log-sum-exps. Measured on CPU (see ``num_splits``).
+# by their log-sum-exps. On CPU one chunk: XLA:CPU already spreads each block's
+# products over the cores, and two chunks were slower in the sweep above (MHA f32
+# at 1024 tokens 22.4 ms against 17.5, GQA 7.8 against 7.3); MQA was within noise
+# either way. On GPU (unmeasured here) 4 chunks, so one query row fills more SMs.
 SPLIT_MIN_BLOCKS = 4
+CPU_SPLITS, GPU_SPLITS = 1, 4
 
 
 def block_tokens(batch: int, max_length: int, bytes_per_token: int,
                  target: int = BLOCK_BYTES) -> int:
     """Tokens per cache block: about ``target`` bytes of keys and values, a power of 2.
 
-    Clipped to ``[MIN_BLOCK, MAX_BLOCK]`` and to ``max_length``. The flat block
-    contraction (:func:`flat_blocks`) asks for ``FLAT_BLOCK_BYTES``.
+    ``bytes_per_token``: of one row's float32 keys and values, ``4 K (H + V)``.
+    Clipped to ``[MIN_BLOCK, MAX_BLOCK]`` and to ``max_length``.
 
-    >>> block_tokens(1, 32768, 8192), block_tokens(1, 32768, 512), block_tokens(4, 100, 512)
-    (128, 2048, 100)
-    >>> block_tokens(1, 32768, 8192, target=FLAT_BLOCK_BYTES)
-    512
+    >>> block_tokens(1, 32768, 8192), block_tokens(1, 32768, 2048), block_tokens(4, 100, 512)
+    (1024, 4096, 100)
     """
     target = max(1, target // max(1, batch * bytes_per_token))
     tokens = 1 << max(0, target.bit_length() - 1)  # power of 2 at most target
@@ -162,20 +170,25 @@ def block_tokens(batch: int, max_length: int, bytes_per_token: int,
 
 
 def num_splits(max_length: int, block: int, platform: str | None = None) -> int:
-    """Chunks for split-K: 2 on CPU once the cache holds ``SPLIT_MIN_BLOCKS`` blocks, else 1.
+    """Chunks for split-K: ``CPU_SPLITS`` (1) on CPU, ``GPU_SPLITS`` elsewhere, once
+    the cache holds ``SPLIT_MIN_BLOCKS`` blocks, else 1 (see ``SPLIT_MIN_BLOCKS``).
 
-    >>> num_splits(32768, 512, "cpu"), num_splits(1024, 512, "cpu")
-    (2, 1)
+    >>> num_splits(32768, 1024, "cpu"), num_splits(32768, 1024, "gpu")
+    (1, 4)
+    >>> num_splits(2048, 1024, "gpu")
+    1
     """
     platform = platform or jax.default_backend()
     blocks = -(-max_length // block)
     if blocks < SPLIT_MIN_BLOCKS:
         return 1
-    return 2 if platform == "cpu" else 4
+    return CPU_SPLITS if platform == "cpu" else GPU_SPLITS
 
 
 def _read_block(x: Array, start: Array, block: int) -> Array:
-    """``x[:, start:start + block]`` as float32, converted on the block only.
+    """``x[:, :, start:start + block]`` (the slots of a cache field) as float32.
+
+    Converted on the block only.
 
     XLA:CPU has no bf16 / f16 dynamic-slice: its float normalization converts the
     operand, the whole cache, to float32, and the loop-invariant conversion is then
@@ -183,12 +196,31 @@ def _read_block(x: Array, start: Array, block: int) -> Array:
     the conversion stays fused with the slice.
     """
     def take(x):
-        return lax.dynamic_slice_in_dim(x, start, block, axis=1).astype(jnp.float32)
+        return lax.dynamic_slice_in_dim(x, start, block, axis=2).astype(jnp.float32)
 
     if x.dtype.itemsize != 2 or jax.default_backend() != "cpu":
         return take(x)
-    shape = (x.shape[0], block, *x.shape[2:])
+    shape = (*x.shape[:2], block, *x.shape[3:])
     return lax.cond(start >= 0, take, lambda x: jnp.zeros(shape, jnp.float32), x)
+
+
+def head_logits(qf: Array, kb: Array) -> Array:
+    """Logits of one head-major cache block, ``[B, K, G, t, S]`` float32.
+
+    Args:
+      qf: ``[B, t, K, G, H]`` queries; kb: ``[B, K, S, H]`` keys (each head's rows
+        contiguous: a matrix-vector product per head, no transpose).
+    """
+    return jnp.einsum("BTKGH,BKSH->BKGTS", qf, kb, preferred_element_type=jnp.float32)
+
+
+def head_values(w: Array, vb: Array) -> Array:
+    """Weighted values of one head-major cache block, ``[B, K, G, t, V]`` float32.
+
+    Args:
+      w: ``[B, K, G, t, S]`` weights; vb: ``[B, K, S, V]`` values.
+    """
+    return jnp.einsum("BKGTS,BKSV->BKGTV", w, vb, preferred_element_type=jnp.float32)
 
 
 def _merge(a: tuple[Array, Array, Array], b: tuple[Array, Array, Array]):
@@ -198,37 +230,6 @@ def _merge(a: tuple[Array, Array, Array], b: tuple[Array, Array, Array]):
     m_safe = jnp.where(jnp.isneginf(m), 0.0, m)
     ca, cb = jnp.exp(ma - m_safe), jnp.exp(mb - m_safe)  # 0 where a side saw nothing
     return m, la * ca + lb * cb, acca * ca[..., None] + accb * cb[..., None]
-
-
-# Block contractions. ``"grouped"``: per-kv-head batched dots, whose batch dim K
-# sits between S and H in the block's memory (XLA:CPU transposes each block
-# first). ``"flat"``: the block read as ``[B, S, K*H]`` rows against
-# block-diagonal queries, as in :func:`flat_logits` (one plain matmul, K times the
-# multiply-adds, but no transpose). Measured on 2 CPU cores, B = 1, N = 16, H = 64,
-# float32, S in {8192, 32768} (best block and splits of each, ms at S = 32768):
-# t = 1: MHA flat 27 vs grouped 35, GQA K=4 flat 9.5 vs 11.6; t = 4: MHA flat 99
-# vs grouped 55, GQA 27 vs 21. So flat only while ``K * G * t <= 16`` (and K > 1;
-# at K = 1 both are the same dot), with blocks of ``FLAT_BLOCK_BYTES`` (512 MHA
-# tokens: 128 or 2048 were slower) and one split (two were no faster).
-FLAT_MAX_WIDTH = 16
-FLAT_BLOCK_BYTES = 4 << 20
-
-
-def flat_blocks(K: int, Gt: int, cache_dtype=jnp.float32) -> bool:
-    """Whether the block contractions use the flat form.
-
-    Flat when ``K > 1``, ``K * Gt <= FLAT_MAX_WIDTH`` and the cache is float32:
-    the grouped form's per-block transpose is what flat avoids, and for int8 /
-    bf16 caches it fuses with the block's conversion to float32 (measured, MHA
-    at S = 32768: int8 grouped 17.8 ms vs flat 24.2, bf16 21.2 vs 26.0).
-
-    >>> flat_blocks(16, 1), flat_blocks(4, 4), flat_blocks(1, 16), flat_blocks(16, 4)
-    (True, True, False, False)
-    >>> flat_blocks(16, 1, jnp.int8), flat_blocks(16, 1, jnp.bfloat16)
-    (False, False)
-    """
-    return (K > 1 and K * Gt <= FLAT_MAX_WIDTH
-            and jnp.dtype(cache_dtype) == jnp.dtype(jnp.float32))
 
 
 def cache_attention(
@@ -252,16 +253,17 @@ def cache_attention(
 ) -> Array:
     """t new queries per row against a KV cache that already holds them, filled blocks only.
 
-    The cache is read where it lies (``[B, L, K, H]``, no copy, no dequantized or
-    transposed version of it): a ``lax.while_loop`` walks ``block``-token blocks
+    The cache is read where it lies (head-major ``[B, K, L, H]``, no copy, no
+    dequantized or transposed version of it): a ``lax.while_loop`` walks ``block``-token blocks
     from the first block the mask opens to the last one any row has filled,
     ``max_b min(lengths[b] + valid_lengths[b], L)``, so a 32k-slot cache holding
     1k tokens costs a 1k step. Each block is sliced (``dynamic_slice``),
     converted to float32 (int8: times its per-token scales, on the block), and
-    contracted; an online softmax (float32) carries the running max, sum and
-    output. Split-K: the blocks are cut into ``splits`` contiguous chunks
-    walked by the same loop side by side (independent work), merged by their
-    log-sum-exps at the end.
+    contracted per kv head (:func:`head_logits`, :func:`head_values`: matrix-vector
+    products over each head's contiguous ``[S, H]`` rows); an online softmax
+    (float32) carries the running max, sum and output. Split-K: the blocks are
+    cut into ``splits`` contiguous chunks walked by the same loop side by side
+    (independent work), merged by their log-sum-exps at the end.
 
     Ragged rows: every row reads the same block range (the longest row's); a
     shorter row's unfilled positions are masked, not skipped.
@@ -272,16 +274,15 @@ def cache_attention(
 
     Args:
       q: ``[B, t, N, H]`` queries at positions ``lengths + arange(t)``.
-      k: ``[B, L, K, H]`` cache keys (float, or int8 with ``k_scale [B, L, K]``),
-        the step's new keys already stored.
-      v: ``[B, L, K, V]`` cache values (float, or int8 with ``v_scale``).
+      k: ``[B, K, L, H]`` cache keys (float, or int8 with ``k_scale [B, K, L]``),
+        the step's new keys already stored (:class:`attention_jax.cache.KVCache`).
+      v: ``[B, K, L, V]`` cache values (float, or int8 with ``v_scale``).
       lengths: ``[B]`` int32 tokens stored *before* the step.
       valid_lengths: ``[B]`` int32 real new tokens, in ``[0, t]``.
       mask: optional boolean ``[B|1, N|1, t|1, L]``.
       scale: default ``1/sqrt(H)``.
-      block: tokens per block, default :func:`block_tokens` (``FLAT_BLOCK_BYTES``
-        of keys and values when the contraction is flat).
-      splits: split-K chunks, default 1 for the flat contraction, else :func:`num_splits`.
+      block: tokens per block, default :func:`block_tokens`.
+      splits: split-K chunks, default :func:`num_splits`.
       score_mod: ``fn(score, b, n, t, s) -> score`` on each block's scaled float32
         logits, as in :func:`attention_jax.ops.dot_product_attention`; ``t`` / ``s``
         are token positions (slot minus ``starts``), ``n`` the head plus ``head_offset``.
@@ -289,37 +290,40 @@ def cache_attention(
         added once, at the merge.
       starts: ``[B]`` int32 left-padding slots per row (never visible), default 0.
       head_offset: the global index of the first local head (head-parallel callers).
-      contraction: how each block is contracted: ``"flat"`` (the block as
-        ``[B, S, K*H]`` rows against block-diagonal queries, :func:`block_logits`)
-        or ``"grouped"`` (per-kv-head dots); default :func:`flat_blocks`. Both give
-        the same numbers up to float32 rounding.
+      contraction: None or ``"grouped"`` (per-kv-head products, the only form a
+        head-major cache needs). ``"flat"`` (for the token-major cache the kernel
+        read before) raises.
 
     Returns:
       ``[B, t, N, V]`` in q's dtype; a query that sees no key (and no sink) gives zeros.
 
     >>> import jax.numpy as jnp
-    >>> q, kv = jnp.ones((2, 1, 8, 16)), jnp.ones((2, 100, 2, 16))
+    >>> q, kv = jnp.ones((2, 1, 8, 16)), jnp.ones((2, 2, 100, 16))   # kv [B, K, L, H]
     >>> n = jnp.array([5, 99]); cache_attention(q, kv, kv, n, jnp.ones(2, jnp.int32)).shape
     (2, 1, 8, 16)
     """
     B, t, N, H = q.shape
-    L, K, V = k.shape[1], k.shape[2], v.shape[-1]
+    K, L, V = k.shape[1], k.shape[2], v.shape[-1]
     G = N // K
     quantized = k_scale is not None
-    if contraction not in (None, "flat", "grouped"):
-        raise ValueError(f"contraction must be None, 'flat' or 'grouped'; got {contraction!r}")
-    flat = flat_blocks(K, G * t, k.dtype) if contraction is None else contraction == "flat"
-    if block is None:
-        item = jnp.dtype(k.dtype).itemsize
-        block = block_tokens(B, L, K * (H + V) * item + (8 * K if quantized else 0),
-                             target=FLAT_BLOCK_BYTES if flat else BLOCK_BYTES)
+    if contraction == "flat":
+        raise ValueError("contraction='flat' reads a token-major [B, L, K, H] cache; the "
+                         "cache is head-major [B, K, L, H] (attention_jax.cache), whose "
+                         "per-head products need no flat form: pass None or 'grouped'")
+    if contraction not in (None, "grouped"):
+        raise ValueError(f"contraction must be None or 'grouped'; got {contraction!r}")
+    if k.ndim != 4 or v.shape[:3] != k.shape[:3] or k.shape[-1] != H or N % K:
+        raise ValueError(f"cache keys {tuple(k.shape)} / values {tuple(v.shape)} do not fit "
+                         f"q {tuple(q.shape)}: expected [B={B}, K, L, H={H}] / [B, K, L, V] "
+                         "with num_heads divisible by K (head-major, attention_jax.cache)")
+    if block is None:  # float32 bytes: every block is computed on in float32
+        block = block_tokens(B, L, 4 * K * (H + V), target=BLOCK_BYTES)
     block = int(min(block, L))
-    if splits is None:  # the flat matmul already spreads one block over the cores
-        splits = 1 if flat else num_splits(L, block)
+    if splits is None:
+        splits = num_splits(L, block)
     P = int(splits)
     scale = ops.default_scale(H) if scale is None else scale
     qf = (q.astype(jnp.float32) * jnp.float32(scale)).reshape(B, t, K, G, H)
-    q_blocks = block_diagonal_queries(qf) if flat else None
 
     lengths = lengths.astype(jnp.int32)
     starts = jnp.zeros_like(lengths) if starts is None else jnp.asarray(starts, jnp.int32)
@@ -346,11 +350,11 @@ def cache_attention(
         start = lo + (p * n_iter + i) * block  # wanted first position
         real = jnp.minimum(start, L - block)  # dynamic_slice clamps; use the real one
         pos = real + jnp.arange(block, dtype=jnp.int32)  # [S]
-        kb, vb = (_read_block(x, real, block) for x in (k, v))  # [B, S, K, H|V] f32
-        s = block_logits(qf, kb, q_blocks)  # [B, K, G, t, S]
+        kb, vb = (_read_block(x, real, block) for x in (k, v))  # [B, K, S, H|V] f32
+        s = head_logits(qf, kb)  # [B, K, G, t, S]
         if quantized:
-            ks = _read_block(k_scale, real, block)  # [B, S, K]
-            s = s * ks.transpose(0, 2, 1)[:, :, None, None, :]  # [B, K, 1, 1, S]
+            ks = _read_block(k_scale, real, block)  # [B, K, S]
+            s = s * ks[:, :, None, None, :]  # [B, K, 1, 1, S]
         if score_mod is not None:
             s_idx = (pos[None, :] - starts[:, None])[:, None, None, None, :]  # [B, 1, 1, 1, S]
             s = jnp.broadcast_to(score_mod(s, b_idx, n_idx, t_idx, s_idx),
@@ -377,7 +381,7 @@ def cache_attention(
             m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
             w = jnp.where(seen, jnp.exp(s - m_safe[..., None]), 0.0)
             c = jnp.exp(m - m_safe)
-            pv = block_values(w, vb, flat)
+            pv = head_values(w, vb)
             out.append((m_new, l * c + w.sum(-1), acc * c[..., None] + pv))
         return tuple(out)
 

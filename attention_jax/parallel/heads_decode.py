@@ -52,8 +52,8 @@ def layout_cache_specs(layout: KVLayout, quantized: bool, context: bool = False)
     ``context`` the slots are split over the ``context`` axis."""
     kv = MODEL if layout is KVLayout.SPLIT else None
     seq = CONTEXT if context else None
-    heads = P(DATA, seq, kv, None)
-    scales = P(DATA, seq, kv) if quantized else None
+    heads = P(DATA, kv, seq, None)  # [B, K, L, H]
+    scales = P(DATA, kv, seq) if quantized else None
     return KVCache(k=heads, v=heads, lengths=P(DATA), k_scale=scales, v_scale=scales)
 
 
@@ -158,7 +158,7 @@ def _local_context_decode(params, x, cache, mask, valid_lengths, *, plan: Decode
     Args:
       params: local slices (kv params whole when the layout is REPLICATED).
       x: ``[B/data, t, D]`` (the same on every device of ``context``).
-      cache: ``k [B/data, L/context, K/model | K, H]`` ..., this device's slots;
+      cache: ``k [B/data, K/model | K, L/context, H]`` ..., this device's slots;
         ``lengths`` / ``starts`` ``[B/data]`` global (the same on the axis).
       mask: ``[B/data | 1, N/model | 1, t | 1, L/context | 1]`` or None.
       valid_lengths: ``[B/data]`` or None.
@@ -215,10 +215,9 @@ def _store_local(cache: KVCache, k_new: Array, v_new: Array, valid_lengths, *, o
     local = slot - offset
     keep = (jnp.arange(t)[None, :] < valid[:, None]) & (local >= 0) & (local < Lc)
     local = jnp.where(keep, local, Lc)  # elsewhere (or padding, or past the end): dropped
-    rows = jnp.arange(B)[:, None]
 
     def put(buf: Array, x: Array) -> Array:
-        return buf.at[rows, local].set(x.astype(buf.dtype), mode="drop")
+        return kv_cache.put_slots(buf, local, x)
 
     lengths = jnp.minimum(cache.lengths + valid, max_length).astype(jnp.int32)
     book = dict(lengths=lengths,
