@@ -150,6 +150,46 @@ def test_cache_attention_int8_window_and_an_empty_row(contraction):
     np.testing.assert_array_equal(out[1], 0.0)
 
 
+@pytest.mark.parametrize("heads", list(HEADS))
+@pytest.mark.parametrize(("lengths", "window", "walked"), [
+    ((3, 20), None, 8),  # longest row ends at 22 <= 64 / 2: the short blocks
+    ((3, 40), None, 64),  # ends at 42: the default block
+    ((40, 50), 10, 8),  # a window: from its first open slot (about 30) to 51
+])
+def test_cache_attention_reads_few_tokens_in_short_blocks(heads, lengths, window, walked,
+                                                          monkeypatch):
+    """A default block of 64 tokens over L = 64 (partial_block 8): the span to read decides
+    which loop runs (recorded from inside the taken branch), and both give the reference."""
+    from attention_jax import cache as kv
+
+    monkeypatch.setattr(decode, "PARTIAL_BLOCK", 8)
+    monkeypatch.setattr(decode, "MIN_BLOCK", 4)
+    N, K = HEADS[heads]
+    t, L = 2, 64
+    assert decode.block_tokens(2, L, 4 * K * 24) == L and decode.partial_block(L, L) == 8
+    q, k, v = _cache_inputs(N, K, t, L, seed=2)
+    lengths, valid = jnp.array(lengths), jnp.array([2, 1])
+    mask = kv.decode_mask(lengths, t, L, valid)
+    win = None
+    if window is not None:
+        win = masks.sliding_window_mask(t, L, window=window, offset=lengths)
+        mask = masks.combine_masks(mask, win)
+    expected = ops.dot_product_attention(q, k, v, mask, implementation="xla")
+    seen = []
+    logits = decode.head_logits
+
+    def recording(qf, kb):
+        jax.debug.callback(lambda n: seen.append(int(n)), kb.shape[2])
+        return logits(qf, kb)
+
+    monkeypatch.setattr(decode, "head_logits", recording)
+    out = jax.jit(decode.cache_attention)(q, _head_major(k), _head_major(v), lengths, valid,
+                                          mask=win)
+    jax.effects_barrier()
+    np.testing.assert_allclose(out, expected, **F32_TOL)
+    assert seen and set(seen) == {walked}, seen
+
+
 def test_block_and_split_rules():
     assert decode.block_tokens(1, 32768, 1 << 20) == decode.MIN_BLOCK
     assert decode.block_tokens(1, 100, 4) == 100  # capped by the cache
