@@ -140,6 +140,23 @@ def test_layout_section_times_both_layouts_of_the_same_attention(tmp_path):
     assert "head major ms" in (tmp_path / "decode_bench_cpu.md").read_text()
 
 
+def test_dtypes_section_times_every_cache_dtype_in_the_same_rounds(tmp_path):
+    result = decode.main(["--lengths", "16", *TINY, "--sections", "dtypes", "--out",
+                          str(tmp_path)])
+    assert result["rows"] == [] and result["partial"] == [] and result["layout"] == []
+    assert [(r["variant"], r["S"]) for r in result["dtypes"]] == [
+        ("MHA", 16), ("GQA", 16), ("MQA", 16)]
+    for r in result["dtypes"]:
+        for d in ("float32", "bfloat16", "int8"):
+            assert r[f"{d}_ms"] > 0
+        for d in ("bfloat16", "int8"):
+            assert r[f"{d}_over_float32"] == pytest.approx(r[f"{d}_ms"] / r["float32_ms"])
+    lines = decode_report.dtype_rows(result)
+    assert list(lines[0]) == ["variant", "K", "S", "float32 ms", "bfloat16 ms", "int8 ms",
+                              "bfloat16 / float32", "int8 / float32"]
+    assert "int8 / float32" in (tmp_path / "decode_bench_cpu.md").read_text()
+
+
 def test_head_major_attention_is_the_attention_of_the_transposed_cache():
     from attention_jax import ops
     from attention_jax.benchmarks.decode_layout import head_major_attention

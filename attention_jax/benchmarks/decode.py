@@ -295,6 +295,25 @@ def partial_row(args, name, K, module, x, cache_dtype, ctx) -> dict:
     return row
 
 
+def dtype_row(args, name, K, module, x, dtypes, S, ctx) -> dict:
+    """Ours only, one step per cache dtype at one S, all interleaved in the same rounds.
+
+    The step table measures each cache dtype in its own rounds (beside torch's step
+    of that dtype, whose int8 dequantization is slow and disturbs what runs after
+    it); here the ratios of the dtypes come from one set of rounds.
+    """
+    cases = {}
+    for d in dtypes:
+        cache = filled_cache(module, args.batch, S, d, jax.random.key(S), S - 1)
+        cases[d.name] = batched(jax_step(module, cache, x)[0], jax.block_until_ready,
+                                args.inner)
+    ms = timed(cases, args.repeats, args.inner)
+    row = dict(variant=name, K=K, S=S, **{f"{d}_ms": t for d, t in ms.items()})
+    base = dtypes[0].name
+    row.update({f"{d}_over_{base}": t / ms[base] for d, t in ms.items() if d != base})
+    return row
+
+
 def run(args) -> dict:
     """Measures every section of ``args.sections``; the JSON-ready result."""
     backend = jax.default_backend()
@@ -308,8 +327,9 @@ def run(args) -> dict:
     D = args.heads * args.head_dim
     steps = len(variants(args.heads)) * (len(dtypes) * (
         len(args.lengths) * ("step" in args.sections) + ("partial" in args.sections))
-        + len(args.lengths) * ("layout" in args.sections))
-    rows, partial, layout = [], [], []
+        + len(args.lengths) * ("layout" in args.sections)
+        + len(args.lengths) * ("dtypes" in args.sections))
+    rows, partial, layout, by_dtype = [], [], [], []
     load_start = os.getloadavg()
     with progress_bar(steps, "decode") as bar:
         for name, K in variants(args.heads).items():
@@ -325,6 +345,10 @@ def run(args) -> dict:
                     bar.set_postfix_str(f"{name} {cache_dtype.name} cache, partial fill")
                     partial.append(partial_row(args, name, K, m, x, cache_dtype, ctx))
                     bar.update(1)
+            for S in args.lengths if "dtypes" in args.sections else ():
+                bar.set_postfix_str(f"{name} cache dtypes, S={S}")
+                by_dtype.append(dtype_row(args, name, K, m, x, dtypes, S, ctx))
+                bar.update(1)
             for S in args.lengths if "layout" in args.sections else ():
                 from attention_jax.benchmarks.decode_layout import layout_row
 
@@ -338,7 +362,7 @@ def run(args) -> dict:
                 torch_device=ctx["torch_device"], jax_version=jax.__version__,
                 torch_version=torch_version, load_avg_start=load_start,
                 load_avg_end=os.getloadavg(), command=" ".join(sys.argv), config=config,
-                rows=rows, partial=partial, layout=layout,
+                rows=rows, partial=partial, layout=layout, dtypes=by_dtype,
                 time=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
 
 
@@ -352,8 +376,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="default bfloat16 on GPU, float32 on CPU")
     p.add_argument("--cache-dtypes", nargs="+", default=None,
                    help="default: the dtype and the narrower of float32, bfloat16, int8")
-    p.add_argument("--sections", nargs="+", choices=("step", "partial", "layout"),
-                   default=["step", "partial"], help="layout: token- vs head-major cache "
+    p.add_argument("--sections", nargs="+", choices=("step", "partial", "dtypes", "layout"),
+                   default=["step", "partial"], help="dtypes: ours only, the cache dtypes "
+                   "interleaved in the same rounds; layout: token- vs head-major cache "
                    "(attention_jax.benchmarks.decode_layout); default step partial")
     p.add_argument("--partial", type=int, nargs=2, default=None, metavar=("SLOTS", "FILLED"),
                    help="partial fill: SLOTS holding FILLED tokens vs FILLED + 1 slots "

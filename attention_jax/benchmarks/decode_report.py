@@ -7,6 +7,7 @@ and in the markdown file (:func:`summarize`):
 * the decode step, one line per variant and S, with for each cache dtype ours,
   torch, ours' GB/s and % of the floor, and int8 over the widest cache;
 * the partial fill: a long cache holding few tokens against a tight one;
+* with ``--sections dtypes``, ours' step per cache dtype in the same rounds;
 * with ``--sections layout``, the token-major against the head-major cache.
 
 A fourth, every measured field of every row, is in the markdown only.
@@ -92,6 +93,17 @@ def partial_rows(result: dict) -> list[dict]:
             for r in result.get("partial", [])]
 
 
+def dtype_rows(result: dict) -> list[dict]:
+    """The cache-dtype lines: ours' ms per dtype and each over the first dtype's."""
+    out = []
+    for r in result.get("dtypes", []):
+        line = {"variant": r["variant"], "K": r["K"], "S": r["S"]}
+        line.update({k.replace("_over_", " / ").replace("_ms", " ms"): v
+                     for k, v in r.items() if k.endswith("_ms") or "_over_" in k})
+        out.append(line)
+    return out
+
+
 def layout_rows(result: dict) -> list[dict]:
     """The layout lines: each contender's ms and % of the floor, and their max difference."""
     names = ("token_major", "token_major_einsum", "head_major")
@@ -121,6 +133,9 @@ def summarize(result: dict) -> str:
              "Decode step (ms; GB/s and % of the floor are ours):", md_table(wide_rows(result))]
     if result.get("partial"):
         parts += ["Partial fill (ms):", md_table(partial_rows(result))]
+    if result.get("dtypes"):
+        parts += ["Cache dtypes, ours only, interleaved in the same rounds (ms):",
+                  md_table(dtype_rows(result))]
     if result.get("layout"):
         parts += ["Cache layout, attention only ([B, S, K, H] token-major vs [B, K, S, H]):",
                   md_table(layout_rows(result))]
@@ -140,6 +155,9 @@ def print_tables(result: dict) -> None:
     if result.get("partial"):
         print_table(partial_rows(result), key_columns=2,
                     title="Partial fill: a long cache holding few tokens vs a tight one")
+    if result.get("dtypes"):
+        print_table(dtype_rows(result), key_columns=3,
+                    title="Cache dtypes: ours only, interleaved in the same rounds (ms)")
     if result.get("layout"):
         print_table(layout_rows(result), key_columns=2,
                     title="Cache layout, attention only: token-major vs head-major")
