@@ -183,8 +183,10 @@ def test_cache_attention_reads_few_tokens_in_short_blocks(heads, lengths, window
         return logits(qf, kb)
 
     monkeypatch.setattr(decode, "head_logits", recording)
-    out = jax.jit(decode.cache_attention)(q, _head_major(k), _head_major(v), lengths, valid,
-                                          mask=win)
+    # a new function for each case: jit's cache would reuse another case's trace (the same
+    # shapes) and its callback
+    out = jax.jit(lambda *a: decode.cache_attention(*a, mask=win))(
+        q, _head_major(k), _head_major(v), lengths, valid)
     jax.effects_barrier()
     np.testing.assert_allclose(out, expected, **F32_TOL)
     assert seen and set(seen) == {walked}, seen
