@@ -74,6 +74,25 @@ def test_sharded_decode_equals_unsharded(heads, mesh_shape):
     np.testing.assert_array_equal(c1.lengths, PROMPT + STEPS)
 
 
+def test_sharded_decode_in_short_blocks_equals_unsharded(monkeypatch):
+    """The kernel's few-tokens loop (a lax.cond on the lengths, see
+    kernels.decode.partial_block) per device: 4-token blocks while a row holds at most
+    6 of the 12 slots (the prefill and the first step), the 12-token block after."""
+    from attention_jax.kernels import decode
+
+    monkeypatch.setattr(decode, "PARTIAL_BLOCK", 4)
+    monkeypatch.setattr(decode, "MIN_BLOCK", 2)
+    assert decode.block_tokens(B, L, 4 * 2 * 2 * H) == L and decode.partial_block(L, L) == 4
+    m, hp, c0, c1 = _pair(8, 2, (2, 4))
+    x = _tokens()
+    ys0, c0 = _run(m.decode, c0, x)
+    step = nnx.jit(lambda hp, x, c, **kw: hp.decode(x, c, **kw), donate_argnums=2)
+    ys1, c1 = _run(lambda x, c, **kw: step(hp, x, c, **kw), c1, x)
+    for y0, y1 in zip(ys0, ys1, strict=True):
+        chex.assert_trees_all_close(y1, y0, atol=ATOL_F32, rtol=RTOL_F32)
+    np.testing.assert_array_equal(c1.lengths, PROMPT + STEPS)
+
+
 def test_sharded_steps_equal_the_full_causal_forward():
     """Token by token through the sharded cache = the unsharded full forward (row 0 prompt 3)."""
     m, hp, _, cache = _pair(8, 2, (2, 4))
