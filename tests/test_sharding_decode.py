@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from attention_jax import MultiHeadAttention, masks
 from attention_jax import sharding as sh
+from tests.helpers import INT8_CACHE_TOL
 
 # float32: the sharded step sums the heads' partial outputs in another order.
 ATOL_F32 = 2e-5
@@ -111,11 +112,19 @@ def test_sharded_int8_cache_equals_unsharded_int8(heads):
     x = _tokens()
     ys0, c0 = _run(m.decode, c0, x)
     ys1, c1 = _run(hp.decode, c1, x)
-    chex.assert_trees_all_close(ys1, ys0, atol=ATOL_F32, rtol=RTOL_F32)
     assert c1.k.dtype == jnp.int8
     assert tuple(c1.k_scale.sharding.spec) == tuple(c1.k.sharding.spec)[:3]
-    # quantized values may differ by one step where a rounding tie falls differently
-    assert int(jnp.max(jnp.abs(c1.k.astype(jnp.int32) - c0.k.astype(jnp.int32)))) <= 1
+    # The sharded projections round differently in the last bit, so a value on a
+    # rounding tie may quantize one step apart; nothing else may differ.
+    steps = [int(jnp.max(jnp.abs(a.astype(jnp.int32) - b.astype(jnp.int32))))
+             for a, b in ((c1.k, c0.k), (c1.v, c0.v))]
+    assert max(steps) <= 1, steps
+    if max(steps) == 0:  # the same quantized cache: the same outputs
+        chex.assert_trees_all_close(ys1, ys0, atol=ATOL_F32, rtol=RTOL_F32)
+    else:  # a value one step apart: within the error int8 makes anyway
+        scale = max(float(jnp.abs(y).max()) for y in ys0)
+        for y0, y1 in zip(ys0, ys1, strict=True):
+            assert float(jnp.abs(y1 - y0).max()) <= INT8_CACHE_TOL * scale
 
 
 @pytest.mark.parametrize(
