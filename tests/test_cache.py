@@ -14,7 +14,7 @@ from flax import nnx
 
 import attention_jax as aj
 from attention_jax import cache as kv
-from tests.helpers import BF16_CACHE_TOL, INT8_CACHE_TOL
+from tests.helpers import BF16_CACHE_TOL, INT8_CACHE_TOL, jitted
 
 ATOL_F32 = RTOL_F32 = 1e-5
 ATOL_INT8, ATOL_BF16_CACHE = INT8_CACHE_TOL, BF16_CACHE_TOL  # relative to max|y|
@@ -46,7 +46,7 @@ def _decode_fn(jit: bool):
 def test_token_by_token_equals_full_forward(variant, rope, jit):
     m = _module(variant, ROPE[rope])
     x = jax.random.normal(jax.random.key(1), (B, 5, D))
-    expected = m(x, is_causal=True)
+    expected = jitted(m)(x, is_causal=True)
     step = _decode_fn(jit)
     cache = m.init_cache(B, L)
     ys = []
@@ -78,7 +78,7 @@ def _check_ragged(variant, rope, jit, *, implementation):
     prompt = np.array([2, 5, 3])
     P, n_after = int(prompt.max()), 3
     seqs = jax.random.normal(jax.random.key(2), (B, P + n_after, D))
-    expected = m(seqs, is_causal=True)  # row b is real on [0, prompt[b] + n_after)
+    expected = jitted(m)(seqs, is_causal=True)  # row b is real on [0, prompt[b] + n_after)
     # The padding is noise that must not leak into the cache.
     noise = 10.0 * jax.random.normal(jax.random.key(3), (B, P, D))
     pad = np.arange(P)[None, :, None] >= prompt[:, None, None]
@@ -118,7 +118,7 @@ def test_padded_tokens_are_not_stored():
 def test_extra_mask_sliding_window_equals_full_forward():
     m = _module("gqa", 100.0)
     x = jax.random.normal(jax.random.key(4), (B, 7, D))
-    expected = m(x, mask=aj.sliding_window_mask(7, window=3))
+    expected = jitted(m)(x, mask=aj.sliding_window_mask(7, window=3))
     cache = m.init_cache(B, L)
     y1, cache = m.decode(x[:, :5], cache, mask=aj.sliding_window_mask(5, L, window=3))
     ys = [y1]
@@ -348,7 +348,7 @@ def test_kernel_paths_equal_full_forward(small_blocks, variant, cache_dtype):
     prompt = np.array([2, 9, 5])
     P, n_after = int(prompt.max()), 16 + 3 + 1
     seqs = jax.random.normal(jax.random.key(9), (B, P + n_after, D))
-    expected = np.asarray(m(seqs, is_causal=True))
+    expected = np.asarray(jitted(m)(seqs, is_causal=True))
     scale = 1.0 if cache_dtype == "f32" else np.abs(expected).max()
     step = _decode_fn(jit=True)
     cache = m.init_cache(B, LONG + 8, dtype)
@@ -372,7 +372,7 @@ def test_kernel_window_mask_equals_full_forward(small_blocks):
     m = _module("gqa", 100.0, implementation="decode")
     n = 14
     x = jax.random.normal(jax.random.key(4), (B, n, D))
-    expected = m(x, mask=aj.sliding_window_mask(n, window=3))
+    expected = jitted(m)(x, mask=aj.sliding_window_mask(n, window=3))
     step = nnx.jit(lambda m, x, c, w: m.decode(x, c, mask=w))
     cache = m.init_cache(B, LONG)
     y1, cache = step(m, x[:, :10], cache, aj.sliding_window_mask(10, LONG, window=3))

@@ -24,6 +24,7 @@ from jax.sharding import AxisType
 from attention_jax import MultiHeadAttention, masks
 from attention_jax import sharding as sh
 from attention_jax.parallel import context as cp
+from tests.helpers import jitted
 
 ATOL_F32, RTOL_F32 = 2e-5, 1e-5  # the ring / gather merge softmaxes in another order
 B, T, D, H = 2, 16, 16, 4
@@ -218,7 +219,7 @@ def test_decode_over_context_equals_one_device(mesh_shape, heads, options):
     mesh = sh.make_mesh(*mesh_shape[:2], context=mesh_shape[2])
     hp = sh.head_parallel(_dec_module(heads, **options), mesh)
     x = _dec_tokens()
-    ys0, c0 = _dec_run(ref.decode, ref.init_cache(B, DEC_L, cache_dtype), x)
+    ys0, c0 = _dec_run(jitted(ref, "decode"), ref.init_cache(B, DEC_L, cache_dtype), x)
     c1 = hp.init_cache(B, DEC_L, cache_dtype)
     assert c1.k.sharding.spec[2] == "context"
     for shard in c1.k.addressable_shards:
@@ -247,7 +248,8 @@ def test_decode_over_context_with_a_mask_and_left_padding():
         return masks.sliding_window_mask(t, DEC_L, window=4, offset=cache.lengths)
 
     x = _dec_tokens()
-    ys0, _ = _dec_run(ref.decode, kv_cache.left_padded(ref.init_cache(B, DEC_L), pad), x, window)
+    ys0, _ = _dec_run(jitted(ref, "decode"), kv_cache.left_padded(ref.init_cache(B, DEC_L), pad),
+                      x, window)
     ys1, _ = _dec_run(hp.decode, kv_cache.left_padded(hp.init_cache(B, DEC_L), pad), x, window)
     for y0, y1 in zip(ys0, ys1, strict=True):
         chex.assert_trees_all_close(y1, y0, atol=ATOL_F32, rtol=RTOL_F32)

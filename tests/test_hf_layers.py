@@ -15,7 +15,7 @@ from flax import nnx
 
 import attention_jax as aj
 from attention_jax import hf, hf_layers, interop, layer, masks
-from tests.helpers import hf_configs
+from tests.helpers import hf_configs, jitted
 
 tf = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -155,9 +155,9 @@ def test_module_decode_continues_the_family_attention(family):
     pad = jnp.asarray((attention_mask == 0).sum(1).numpy(), jnp.int32)
     cache = kv_cache.left_padded(module.init_cache(3, T), pad)
     xs = jnp.asarray(x.numpy())
-    outs = []
+    outs, decode = [], jitted(module, "decode")
     for lo, hi in ((0, T - 2), (T - 2, T - 1), (T - 1, T)):
-        y, cache = module.decode(xs[:, lo:hi], cache)
+        y, cache = decode(xs[:, lo:hi], cache)
         outs.append(np.asarray(y))
     got, valid = np.concatenate(outs, axis=1), attention_mask.numpy() == 1
     np.testing.assert_allclose(got[valid], want[valid], atol=ATOL_F32, rtol=RTOL_F32,

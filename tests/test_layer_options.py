@@ -12,6 +12,7 @@ from flax import nnx
 
 import attention_jax as aj
 from attention_jax import linen as ajl
+from tests.helpers import jitted
 
 TOL = dict(atol=2e-5, rtol=2e-5)
 HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
@@ -139,9 +140,9 @@ def test_decode_equals_the_full_forward(heads, option, implementation):
     sinks at its merge, the window's blocks) and the einsum path over the cache."""
     m = _module(*HEADS[heads], rope=10_000.0, implementation=implementation, **OPTIONS[option])
     x = jax.random.normal(jax.random.key(5), (B, T, D))
-    full = _module(*HEADS[heads], rope=10_000.0, **OPTIONS[option])(x, is_causal=True)
+    full = jitted(_module(*HEADS[heads], rope=10_000.0, **OPTIONS[option]))(x, is_causal=True)
     cache = m.init_cache(B, 16)
-    y0, cache = m.decode(x[:, :4], cache)
+    y0, cache = jitted(m, "decode")(x[:, :4], cache)
     ys = [y0]
     step = nnx.jit(lambda mod, x, c: mod.decode(x, c))
     for i in range(4, T):
@@ -164,18 +165,19 @@ def test_left_padded_decode_equals_each_prompt_alone(heads, implementation):
     prompts = jnp.stack([jnp.roll(x[b, :T], int(pad[b]), axis=0) for b in range(B)])
     prompts = prompts.at[1, :pad[1]].set(9.0)  # padding content must not matter
     cache = aj.cache.left_padded(m.init_cache(B, 16), jnp.asarray(pad))
-    y, cache = m.decode(prompts, cache)
+    decode = jitted(m, "decode")
+    y, cache = decode(prompts, cache)
     outs = [[y[b, pad[b]:]] for b in range(B)]
     rows = [np.asarray(x[b, :n]) for b, n in enumerate(lengths)]
     for i in range(3):  # the next token of row b is its own next input
         new = jnp.stack([x[b, lengths[b] + i] for b in range(B)])[:, None]
-        y, cache = m.decode(new, cache)
+        y, cache = decode(new, cache)
         for b in range(B):
             outs[b].append(y[b])
             rows[b] = np.concatenate([rows[b], np.asarray(new[b])])
     ref = _module(*HEADS[heads], rope=10_000.0, **OPTIONS["all"])  # same parameters
     for b in range(B):
-        alone = ref(jnp.asarray(rows[b])[None], is_causal=True)[0]
+        alone = jitted(ref)(jnp.asarray(rows[b])[None], is_causal=True)[0]
         np.testing.assert_allclose(np.concatenate(outs[b]), alone, **TOL)
     np.testing.assert_array_equal(cache.starts, pad)
     assert aj.cache.token_positions(cache, 1).tolist() == [[10], [7]]
@@ -215,12 +217,12 @@ def test_segment_ids_pack_sequences(heads):
     x = jax.random.normal(jax.random.key(9), (1, T, D))
     ids = jnp.array([[0, 0, 0, 1, 1, 1, 1]])
     pos = jnp.array([[0, 1, 2, 0, 1, 2, 3]])
-    packed = m(x, is_causal=True, positions=pos, segment_ids=ids)
+    packed = jitted(m)(x, is_causal=True, positions=pos, segment_ids=ids)
     for lo, hi in ((0, 3), (3, T)):
-        alone = m(x[:, lo:hi], is_causal=True)
+        alone = jitted(m)(x[:, lo:hi], is_causal=True)
         np.testing.assert_allclose(packed[:, lo:hi], alone, **TOL)
-    dense = m(x, is_causal=True, positions=pos, segment_ids=ids,
-              mask=jnp.ones((1, 1, T, T), bool))
+    dense = jitted(m)(x, is_causal=True, positions=pos, segment_ids=ids,
+                      mask=jnp.ones((1, 1, T, T), bool))
     np.testing.assert_allclose(dense, packed, **TOL)
     with pytest.raises(ValueError, match=r"Segments q_ids must be \[1 or 1, 7\]; got shape"):
         m(x, segment_ids=ids[:, :5])

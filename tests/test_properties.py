@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import attention_jax as aj
 from attention_jax.config import CONFIG_FIELDS, AttentionConfig
-from tests.helpers import numpy_attention
+from tests.helpers import jitted, numpy_attention
 
 TOL = dict(atol=2e-5, rtol=2e-5)
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True,
@@ -69,7 +69,7 @@ def test_random_valid_configurations_equal_the_reference(options, T, S, seed, ma
     mask = None
     if masked:
         mask = np.asarray(jax.random.bernoulli(jax.random.key(seed + 1), 0.6, (2, 1, T, S)))
-    y = m(xq, xk, mask=None if mask is None else jnp.asarray(mask))
+    y = jitted(m)(xq, xk, mask=None if mask is None else jnp.asarray(mask))
     assert y.shape == (2, T, cfg.out_features)
     np.testing.assert_allclose(np.asarray(y), _reference(m, xq, xk, mask), **TOL)
 

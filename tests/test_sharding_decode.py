@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from attention_jax import MultiHeadAttention, masks
 from attention_jax import sharding as sh
-from tests.helpers import INT8_CACHE_TOL
+from tests.helpers import INT8_CACHE_TOL, jitted
 
 # float32: the sharded step sums the heads' partial outputs in another order.
 ATOL_F32 = 2e-5
@@ -71,7 +71,7 @@ def _check_jitted_sharded_steps(heads, mesh_shape):
     """The jitted head-parallel steps (cache donated) equal the unsharded module's."""
     m, hp, c0, c1 = _pair(*heads, mesh_shape)
     x = _tokens()
-    ys0, c0 = _run(m.decode, c0, x)
+    ys0, c0 = _run(jitted(m, "decode"), c0, x)
     step = nnx.jit(lambda hp, x, c, **kw: hp.decode(x, c, **kw), donate_argnums=2)
     ys1, c1 = _run(lambda x, c, **kw: step(hp, x, c, **kw), c1, x)
     for y0, y1 in zip(ys0, ys1, strict=True):
@@ -96,7 +96,7 @@ def test_sharded_steps_equal_the_full_causal_forward():
     """Token by token through the sharded cache = the unsharded full forward (row 0 prompt 3)."""
     m, hp, _, cache = _pair(8, 2, (2, 4))
     x = _tokens()[:, :6]
-    expected = m(x, is_causal=True)
+    expected = jitted(m)(x, is_causal=True)
     ys = []
     for i in range(6):
         y, cache = hp.decode(x[:, i:i + 1], cache)
@@ -108,7 +108,7 @@ def test_sharded_steps_equal_the_full_causal_forward():
 def test_sharded_int8_cache_equals_unsharded_int8(heads):
     m, hp, c0, c1 = _pair(*heads, (2, 4), dtype=jnp.int8)
     x = _tokens()
-    ys0, c0 = _run(m.decode, c0, x)
+    ys0, c0 = _run(jitted(m, "decode"), c0, x)
     ys1, c1 = _run(hp.decode, c1, x)
     assert c1.k.dtype == jnp.int8
     assert tuple(c1.k_scale.sharding.spec) == tuple(c1.k.sharding.spec)[:3]

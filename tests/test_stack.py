@@ -17,6 +17,7 @@ from attention_jax import MultiHeadAttention
 from attention_jax import cache as cache_lib
 from attention_jax import stack as st
 from attention_jax.config import AttentionConfig
+from tests.helpers import jitted
 
 ATOL, RTOL = 1e-5, 1e-5  # float32: the scan and the Python loop run the same layer math
 B, T, D, N, H = 2, 6, 16, 4, 4
@@ -44,7 +45,7 @@ def _close(got, want, **kw):
 
 def _sequential(modules, x, **kwargs):
     for m in modules:
-        x = x + m(x, **kwargs)
+        x = x + jitted(m)(x, **kwargs)
     return x
 
 
@@ -145,7 +146,7 @@ def test_stack_decode_prefill_and_steps_equal_separate_modules(kind):
         kwargs = {"valid_lengths": valid} if n == 0 else {}
         want = x
         for i, m in enumerate(modules):
-            y, caches[i] = m.decode(want, caches[i], **kwargs)
+            y, caches[i] = jitted(m, "decode")(want, caches[i], **kwargs)
             want = want + y
         got, stacked_cache = step(s, x, stacked_cache, **kwargs)
         if n == 0:  # padded prompt positions are meaningless: compare real tokens only
@@ -172,7 +173,7 @@ def test_stack_decode_left_padded_prompts_equal_separate_modules():
     for n, x in enumerate([_x(), _x(1, seed=30), _x(1, seed=31)]):
         want = x
         for i, m in enumerate(modules):
-            y, caches[i] = m.decode(want, caches[i])
+            y, caches[i] = jitted(m, "decode")(want, caches[i])
             want = want + y
         got, stacked_cache = nnx.jit(st.stack_decode)(s, x, stacked_cache)
         if n == 0:  # the padding slots' outputs are meaningless
