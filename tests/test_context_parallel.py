@@ -100,9 +100,11 @@ def _check_case(strategy, layout, heads, mask_name, **kw):
 
     run = jax.jit(lambda *a: (f(*a), jax.grad(loss, argnums=(0, 1, 2))(*a)))
     out, grads = run(to(q), to(k), to(v), to(ids))
-    np.testing.assert_allclose(back(out), _reference(q, k, v, mask, **kw), atol=ATOL_F32,
-                               rtol=RTOL_F32)
-    ref_grads = jax.grad(ref_loss, argnums=(0, 1, 2))(q, k, v)
+    # the one-device reference jitted too (eagerly each of its operations compiles alone)
+    ref = jax.jit(lambda q, k, v: (_reference(q, k, v, mask, **kw),
+                                   jax.grad(ref_loss, argnums=(0, 1, 2))(q, k, v)))
+    ref_out, ref_grads = ref(q, k, v)
+    np.testing.assert_allclose(back(out), ref_out, atol=ATOL_F32, rtol=RTOL_F32)
     for name, g, r in zip("qkv", grads, ref_grads, strict=True):
         np.testing.assert_allclose(back(g), r, atol=GRAD_ATOL_F32, rtol=RTOL_F32, err_msg=name)
 
