@@ -116,9 +116,10 @@ def test_from_hf_equals_the_family_attention_forward(family):
         x, attention_mask, positions = _inputs(cfg, layer_idx)
         want = _hf_forward(family, cfg, hf_layer, layer_idx, x, attention_mask, positions)
         valid = attention_mask.numpy() == 1  # padded query rows are garbage on both sides
-        got = np.asarray(module(jnp.asarray(x.numpy()), is_causal=True,  # eval: no dropout
-                                mask=masks.Segments(jnp.asarray(np.where(valid, 0, -1))),
-                                positions=jnp.asarray(positions.numpy())))
+        got = np.asarray(jitted(module)(
+            jnp.asarray(x.numpy()), is_causal=True,  # eval: no dropout
+            mask=masks.Segments(jnp.asarray(np.where(valid, 0, -1))),
+            positions=jnp.asarray(positions.numpy())))
         np.testing.assert_allclose(got[valid], want[valid], atol=ATOL_F32, rtol=RTOL_F32,
                                    err_msg=f"{family} layer {layer_idx}")
         worst = max(worst, float(np.abs(got[valid] - want[valid]).max()))
