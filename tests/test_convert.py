@@ -11,6 +11,7 @@ from flax import nnx
 import attention_jax as aj
 from attention_jax import convert
 from attention_jax.modules import PARAM_AXES
+from tests.helpers import jitted
 
 ATOL_F32 = RTOL_F32 = 1e-6
 
@@ -47,7 +48,7 @@ def test_gqa_to_mha_is_exact(N, K):
     for name in QO_PARAMS:
         np.testing.assert_array_equal(new[name], old[name])
     x = _x()
-    chex.assert_trees_all_close(mha(x, is_causal=True), m(x, is_causal=True),
+    chex.assert_trees_all_close(jitted(mha)(x, is_causal=True), jitted(m)(x, is_causal=True),
                                 atol=ATOL_F32, rtol=RTOL_F32)
 
 

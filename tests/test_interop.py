@@ -15,6 +15,7 @@ from flax import nnx
 import attention_jax as aj
 from attention_jax import interop
 from attention_jax.modules import PARAM_AXES
+from tests.helpers import jitted
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -332,7 +333,8 @@ def test_load_linear_weights_matches_torch_reference(N, K, bias, source):
     x = np.random.default_rng(2).standard_normal((B, T, D), np.float32)
     with torch.no_grad():
         want = _torch_gqa_reference(torch.from_numpy(x), lin, N, K, causal=True).numpy()
-    np.testing.assert_allclose(module(x, is_causal=True), want, atol=ATOL_F32, rtol=RTOL_F32)
+    np.testing.assert_allclose(jitted(module)(jnp.asarray(x), is_causal=True), want,
+                               atol=ATOL_F32, rtol=RTOL_F32)
 
 
 @pytest.mark.parametrize("bias", [True, False])
