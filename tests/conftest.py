@@ -87,8 +87,8 @@ import re  # noqa: E402
 import pytest  # noqa: E402
 
 # A worker's resident memory above this after a test: its compiled programs dropped.
-# Dropping them after every module instead cost a tenth of the suite's time (82 of 853
-# worker-seconds, cold, two workers) in recompiling the same small operations.
+# Dropping them after every module instead recompiled the same small operations: about a
+# tenth of the suite's time (853 against 771 worker-seconds, one pair of cold runs, -n 2).
 RSS_LIMIT_MB = 1200
 
 
@@ -116,8 +116,9 @@ def _rss_mb() -> float:
 # Python's cyclic garbage collector: tracing and lowering make objects by the million, and
 # at the default thresholds (700, 10, 10) the collector kept walking them, the collected
 # test modules included: a tenth of the time of the layer-options, cache and equivalence
-# tests (55 -> 49 s, -n 2, two runs each). Collections are rarer, and what collection
-# built is frozen out of them (it lives until the session ends anyway).
+# tests (55 -> 49 s, -n 2, two runs each; over the whole suite the gain was within
+# run-to-run noise). Collections are rarer, and what collection built is frozen out of
+# them (it lives until the session ends anyway).
 gc.set_threshold(50_000, 20, 20)
 
 
