@@ -166,6 +166,10 @@ CPU_SPLITS, GPU_SPLITS = 1, 4
 # above (attention alone, 32768 slots holding 1022 tokens): GQA 0.95 ms with the
 # 4096-token block, 0.31 with 1024; MQA 0.89 with 8192, 0.20 with 1024 (load 0.9).
 PARTIAL_BLOCK = 1024
+# Tokens read as one row by :func:`head_values` when each kv head has one weight row
+# (MHA decoding): 2 (measured, w @ v over a 32k MHA cache, 2 cores, 10 interleaved
+# rounds: plain 13.6 ms, folded by 2 7.5, by 4 9.9, by 8 12.3, by 16 20.3). 1: plain.
+VALUE_FOLD = 2
 
 
 def block_tokens(batch: int, max_length: int, bytes_per_token: int,
@@ -213,6 +217,34 @@ def partial_block(block: int, max_length: int) -> int | None:
     return small if 2 * small <= block else None
 
 
+def whole_cache(dtype, rows: int, H: int, V: int, max_length: int, block: int,
+                platform: str | None = None) -> bool:
+    """Whether :func:`cache_attention` may read the whole cache in one piece.
+
+    A block sliced out of the cache is a copy on XLA:CPU (its dots cannot read a
+    dynamic slice in place): each block is read, written and read again. Contracting
+    the whole cache as it lies reads it once, so while the span to read is over half
+    the cache (the branch is taken at run time) one pass over all ``max_length``
+    slots costs less than the blocks. Statically allowed on CPU, for a float32 cache
+    (an int8 or bf16 one would be converted whole first), when the cache spans more
+    than one default ``block``, and while the path's scratch, about four
+    ``[B, K, G, t, L]`` float32 arrays (logits, weights and their folded copy), stays
+    within a quarter of the cache's bytes: ``16 rows <= H + V`` with ``rows = G * t``
+    (MHA and GQA up to G = 8 decoding one token at H = V = 64; not MQA at N = 16).
+    Not measured on a GPU, so not taken there.
+
+    >>> whole_cache(jnp.float32, 1, 64, 64, 32768, 1024, "cpu")
+    True
+    >>> whole_cache(jnp.int8, 1, 64, 64, 32768, 1024, "cpu")
+    False
+    >>> whole_cache(jnp.float32, 16, 64, 64, 32768, 8192, "cpu")  # MQA, N = 16
+    False
+    """
+    platform = platform or jax.default_backend()
+    return (platform == "cpu" and jnp.dtype(dtype) == jnp.float32 and max_length > block
+            and 16 * rows <= H + V)
+
+
 def _read_block(x: Array, start: Array, block: int) -> Array:
     """``x[:, :, start:start + block]`` (the slots of a cache field) as float32.
 
@@ -221,7 +253,9 @@ def _read_block(x: Array, start: Array, block: int) -> Array:
     XLA:CPU has no bf16 / f16 dynamic-slice: its float normalization converts the
     operand, the whole cache, to float32, and the loop-invariant conversion is then
     hoisted out of the loop (a cache-sized copy per step). Inside a ``lax.cond``
-    the conversion stays fused with the slice.
+    the conversion stays fused with the slice. (Slicing the bits instead, a
+    ``uint16`` view, was slower: XLA:CPU copies the whole cache around the
+    ``bitcast_convert_type``: 94 ms per 32k MHA step against 67.)
     """
     def take(x):
         return lax.dynamic_slice_in_dim(x, start, block, axis=2).astype(jnp.float32)
@@ -242,12 +276,34 @@ def head_logits(qf: Array, kb: Array) -> Array:
     return jnp.einsum("BTKGH,BKSH->BKGTS", qf, kb, preferred_element_type=jnp.float32)
 
 
-def head_values(w: Array, vb: Array) -> Array:
+def head_values(w: Array, vb: Array, fold: int = 1) -> Array:
     """Weighted values of one head-major cache block, ``[B, K, G, t, V]`` float32.
 
     Args:
       w: ``[B, K, G, t, S]`` weights; vb: ``[B, K, S, V]`` values.
+      fold: tokens read as one row when ``G * t == 1`` (below); 1: the plain product.
+
+    With one weight row per kv head (``G * t == 1``, MHA decoding) the product is a
+    vector-matrix one, ``w[S] @ vb[S, V]``, which XLA:CPU emits as a slow
+    column-major matrix-vector loop (7.9 GB/s over a 32k MHA cache here, against 22
+    for a plain reduction). It is computed folded instead (:data:`VALUE_FOLD`): the
+    rows ``vb[c i + a]`` of ``c`` consecutive tokens are read as one row
+    ``vb'[i] = [vb[c i], ..., vb[c i + c - 1]]`` (a free reshape), the weights as
+    ``c`` rows ``w'[a, i] = w[c i + a]``, and the matmul ``w' @ vb'`` (``[c, S/c] @
+    [S/c, c V]``, a matrix product XLA hands to its dot library) holds the result in
+    its ``c`` diagonal blocks: ``out = sum_a (w' @ vb')[a, a V:(a + 1) V]``.
+    :func:`cache_attention` folds by :data:`VALUE_FOLD` on its whole-cache path; on
+    1024-token blocks the folded product was slower than the plain one (54.6 against
+    33.8 ms per 32k MHA step).
     """
+    B, K, G, t, S = w.shape
+    c = fold
+    if G * t == 1 and c > 1 and S % c == 0:
+        V = vb.shape[-1]
+        wf = w.reshape(B, K, S // c, c).swapaxes(-1, -2)  # [B, K, c, S/c]: w'[a, i] = w[c i + a]
+        full = jnp.einsum("BKAS,BKSX->BKAX", wf, vb.reshape(B, K, S // c, c * V),
+                          preferred_element_type=jnp.float32).reshape(B, K, c, c, V)
+        return jnp.einsum("BKaaV->BKV", full).reshape(B, K, 1, 1, V)
     return jnp.einsum("BKGTS,BKSV->BKGTV", w, vb, preferred_element_type=jnp.float32)
 
 
@@ -377,8 +433,9 @@ def cache_attention(
         n_idx = (head_offset + jnp.arange(N, dtype=jnp.int32)).reshape(1, K, G, 1, 1)
         t_idx = (qpos - starts[:, None])[:, None, None, :, None]
 
-    def walk(block: int, P: int):
-        """``(m, l, acc)`` over ``block``-token blocks in ``P`` chunks, merged."""
+    def walk(block: int, P: int, fold: int = 1):
+        """``(m, l, acc)`` over ``block``-token blocks in ``P`` chunks, merged
+        (``fold``: :func:`head_values`')."""
         lo = (first // block) * block
         n_blocks = (hi - lo + block - 1) // block
         n_iter = (n_blocks + P - 1) // P  # each chunk walks this many blocks
@@ -417,7 +474,7 @@ def cache_attention(
                 c = jnp.exp(m - m_safe)
                 # int8: sum_s w[s] (v[s] vs[s]) = sum_s (w[s] vs[s]) v[s], the scales on the
                 # [.., t, S] weights, not on the [.., S, V] block
-                pv = head_values(w if vs is None else w * vs, vb)
+                pv = head_values(w if vs is None else w * vs, vb, fold)
                 out.append((m_new, l * c + w.sum(-1), acc * c[..., None] + pv))
             return tuple(out)
 
@@ -429,11 +486,20 @@ def cache_attention(
         return functools.reduce(_merge, lax.fori_loop(0, n_iter, body, init))
 
     small = partial_block(block, L) if auto_block else None
-    if small is None:
+    whole = auto_block and whole_cache(k.dtype, G * t, H, V, L, block)
+    branches = [lambda: walk(block, P)]
+    span = hi - first
+    choice = jnp.int32(0)
+    if small is not None:  # few tokens to read: short blocks, one chunk (see PARTIAL_BLOCK)
+        branches.append(lambda: walk(small, 1))
+        choice = jnp.where(span <= block // 2, len(branches) - 1, choice)
+    if whole:  # most of the cache to read: all of it, in place (see whole_cache)
+        branches.append(lambda: walk(L, 1, fold=VALUE_FOLD))
+        choice = jnp.where(2 * span > L, len(branches) - 1, choice)
+    if len(branches) == 1:
         m, l, acc = walk(block, P)
-    else:  # few tokens to read: short blocks, one chunk (see PARTIAL_BLOCK)
-        m, l, acc = lax.cond(hi - first <= block // 2, lambda: walk(small, 1),
-                             lambda: walk(block, P))
+    else:
+        m, l, acc = lax.switch(choice, branches)
     if sinks is not None:  # one more logit per head in the denominator, carrying no value
         sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, K, G, 1), m.shape)
         m, l, acc = _merge((m, l, acc), (sink, jnp.ones_like(l), jnp.zeros_like(acc)))
