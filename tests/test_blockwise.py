@@ -110,6 +110,23 @@ def test_bf16_inputs(heads):
            tol=BF16_TOL, grad_tol=BF16_GRAD_TOL)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_bf16_gradients_with_matmul_sized_tiles(causal):
+    """bf16 at a tile size the dot libraries take (the 4 x 4 tiles above are emitted by
+    XLA itself): every backward product must be one XLA:CPU can run in bf16 with a
+    float32 result (a transposed operand folded into the dq product was not)."""
+    q, k, v = (x.astype(jnp.bfloat16) for x in inputs_sized(64, 16, seed=8))
+    _check(blockwise.blockwise_attention, q, k, v, None, is_causal=causal,
+           tol=BF16_TOL, grad_tol=BF16_GRAD_TOL)
+
+
+def inputs_sized(T, H, *, seed):
+    """GQA ``q [2, T, 4, H]``, ``k`` / ``v [2, T, 2, H]``, float32."""
+    r = np.random.default_rng(seed)
+    return tuple(jnp.asarray(r.standard_normal(s), jnp.float32)
+                 for s in ((2, T, 4, H), (2, T, 2, H), (2, T, 2, H)))
+
+
 def test_fully_masked_rows_are_zero_with_zero_gradient():
     N, K = HEADS["gqa"]
     q, k, v = _inputs(N, K, seed=7)

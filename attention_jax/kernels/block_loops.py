@@ -307,7 +307,10 @@ def _backward(qb, kb, vb, out, lse, dob, ctx: _Ctx, lists_t):
                 dcon = tuple(a + b.astype(a.dtype) for a, b in zip(dcon, dc, strict=True))
             dk = dk + k_scale * jnp.einsum("BKSM,BKMH->BKSH", ds.astype(qi.dtype), qi,
                                            preferred_element_type=jnp.float32)
-            dqi = scale * jnp.einsum("BKSM,BKSH->BKMH", ds.astype(kj.dtype), kj,
+            # dq^T = k^T @ ds: both operands row-major in their contraction (ds @ k would
+            # contract ds's leading dim, a transposed operand XLA:CPU's dot library
+            # declines and the fallback runs at half the speed).
+            dqi = scale * jnp.einsum("BKHS,BKSM->BKHM", kjT, ds.astype(kjT.dtype),
                                      preferred_element_type=jnp.float32)
             dq = lax.dynamic_update_index_in_dim(dq, dq[i] + dqi, i, axis=0)
             if dbias is not None:
@@ -321,6 +324,8 @@ def _backward(qb, kb, vb, out, lse, dob, ctx: _Ctx, lists_t):
             return dk, dv, dq, dbias, dcon
 
         dq, dbias, dcon = carry
+        # [B, K, H, bk], materialised: XLA would fold a bare transpose back into the dot
+        kjT = lax.optimization_barrier(jnp.swapaxes(kj, -1, -2))
         refs = (qb, kj, vj, dob, ctx.mask_g, bias_g, ctx.sm_consts)
         inner = (
             tiles.varying_like(jnp.zeros((B, K, bk, kj.shape[-1]), jnp.float32), *refs),
@@ -340,12 +345,13 @@ def _backward(qb, kb, vb, out, lse, dob, ctx: _Ctx, lists_t):
         return (dq, dbias, dcon), (dk, dv)
 
     refs = (qb, kb, vb, dob, ctx.mask_g, bias_g, ctx.sm_consts)
-    dq0 = tiles.varying_like(jnp.zeros(qb.shape, jnp.float32), *refs)
+    # dq accumulates transposed, [nq, B, K, H, M] (see q_step)
+    dq0 = tiles.varying_like(jnp.zeros((*qb.shape[:-2], qb.shape[-1], M), jnp.float32), *refs)
     dbias0 = None if bias_g is None else tiles.varying_like(
         jnp.zeros(bias_g.shape, jnp.float32), *refs)
     dcon0 = tuple(tiles.varying_like(jnp.zeros(jnp.shape(c), jnp.result_type(c)), *refs)
                   for c in fconsts)
     (dq, dbias, dcon), (dk, dv) = lax.scan(
         kv_block, (dq0, dbias0, dcon0), (jnp.arange(cfg.nk), kb, vb, lists_t))
-    return dq, dk, dv, dbias, dcon
+    return jnp.swapaxes(dq, -1, -2), dk, dv, dbias, dcon
 
