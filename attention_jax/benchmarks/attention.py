@@ -12,7 +12,10 @@ in rotating order, so that load from other processes hits all of them alike):
 * ``sweep``: T from 256 to 8192 at B=1, N=8, H=64 (causal and not);
 * ``memory``: temporary bytes of jit(forward + backward) from XLA's
   ``memory_analysis()`` vs T (compile only, nothing runs), einsum vs blockwise;
-* ``largest`` (opt-in): blockwise forward + backward at B=1, T=32768, N=8, H=64.
+* ``largest`` (opt-in): blockwise forward + backward at B=1, T=32768, N=8, H=64;
+* ``dots`` (opt-in): the blockwise kernel's seven matrix products alone at its tile
+  shapes, JAX against torch, beside both complete passes
+  (:mod:`attention_jax.benchmarks.attention_dots`).
 
 GFLOP/s count ``4 B N T S H`` for the forward, 3.5x that for forward + backward,
 half of it when causal. ``--dtype bfloat16`` runs every contender (inputs,
@@ -68,6 +71,7 @@ from attention_jax.benchmarks.attention_cases import (  # noqa: F401 (names of t
     to_torch,
     torch_core_cases,
 )
+from attention_jax.benchmarks.attention_dots import dots_steps, section_dots
 from attention_jax.benchmarks.attention_masks import masks_steps, section_masks
 from attention_jax.benchmarks.attention_report import plot, summary_tables
 from attention_jax.cli import default_out, print_table, progress_bar
@@ -268,6 +272,7 @@ SECTIONS = {
     "remat": (section_remat, lambda a: a.reps),
     "precision": (section_precision, lambda a: a.reps),
     "masks": (section_masks, masks_steps),
+    "dots": (section_dots, dots_steps),
 }
 
 

@@ -106,6 +106,10 @@ def summary_tables(results):
                 {("temp MiB" if k == "temp_bytes" else k): (v / 2**20 if k == "temp_bytes" else v)
                  for k, v in row.items()}
                 for row in results[sec]["rows"]]))
+    if "dots" in results:
+        from attention_jax.benchmarks.attention_dots import dots_table
+        tables.append((f"dots: the blockwise kernel's products alone, one per tile; "
+                       f"{_shape_text(results['dots'])}", dots_table(results["dots"])))
     if "largest" in results:
         lg = results["largest"]
         tables.append(("largest: blockwise fwd+bwd", [
