@@ -56,7 +56,12 @@ is at most ``s / 2`` (one half step). Bytes per token: ``K (H + V) + 2 K * 4``
 against ``2 K (H + V)`` for bfloat16 (0.53x at H = V = 64, 0.52x at 128) and
 ``4 K (H + V)`` for float32 (0.27x / 0.26x). The scales are float32, not
 bfloat16, because XLA:CPU converts a whole bf16 array to float32 to scatter into
-it or slice it dynamically (a cache-sized copy every step).
+it or slice it dynamically (a cache-sized copy every step). On CPU each dequantized
+block is a float32 copy the step writes and reads again, while a float32 cache more
+than half of which is read is contracted where it lies
+(:func:`attention_jax.kernels.decode.whole_cache`): there an int8 step costs
+1.2-1.6x a float32 one (MHA and GQA, 8k-32k tokens, ``attention-jax decode``). int8
+saves memory on CPU, not time.
 
 **bf16 caches** halve the bytes. On GPU they are read in place like the others.
 On CPU, XLA's float normalization turns the step's bf16 scatter (the write) and

@@ -50,7 +50,9 @@ def test_products_are_the_kernels_contractions():
     ops = attention_dots.tile_operands(1, 2, 6, 10, 4)
     for name, (spec, a_dims, b_dims) in attention_dots.PRODUCTS.items():
         a, b = ops[name]
-        assert a.shape[2:] == tuple({"M": 6, "S": 10, "H": 4}[d] for d in a_dims), name
+        size = {"M": 6, "S": 10, "H": 4}
+        assert a.shape[2:] == tuple(size[d] for d in a_dims), name
+        assert b.shape[2:] == tuple(size[d] for d in b_dims), name
         got = np.asarray(attention_dots.jax_product(spec)(a, b))
         np.testing.assert_allclose(got, np.einsum(spec.replace("BK", "bk").lower(), a, b),
                                    rtol=1e-5, atol=1e-5, err_msg=name)
