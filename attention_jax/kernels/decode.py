@@ -254,7 +254,11 @@ def cache_attention(
     head's contiguous ``[S, H]`` rows); an online softmax (float32) carries the
     running max, sum and output. Split-K: the blocks are cut into ``splits``
     contiguous chunks walked by the same loop side by side (independent work),
-    merged by their log-sum-exps at the end.
+    merged by their log-sum-exps at the end. While more than half of the cache is
+    to be read, a float32 cache on CPU is one block of all ``L`` slots instead
+    (:func:`whole_cache`: a sliced block is a copy there, the whole cache is not),
+    MHA's value product folded by :data:`VALUE_FOLD`. Which of the three loops
+    runs is decided at run time from the lengths (``lax.switch``).
 
     Ragged rows: every row reads the same block range (the longest row's); a
     shorter row's unfilled positions are masked, not skipped.
