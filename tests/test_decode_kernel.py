@@ -153,6 +153,20 @@ def test_cache_attention_int8_window_and_an_empty_row(contraction):
     np.testing.assert_array_equal(out[1], 0.0)
 
 
+def _record_block_tokens(monkeypatch) -> list[int]:
+    """A list that fills, from inside the taken branch of ``cache_attention``, with the
+    tokens of each block its loop reads (``decode.head_logits`` patched to report them)."""
+    seen = []
+    logits = decode.head_logits
+
+    def recording(qf, kb):
+        jax.debug.callback(lambda n: seen.append(int(n)), kb.shape[2])
+        return logits(qf, kb)
+
+    monkeypatch.setattr(decode, "head_logits", recording)
+    return seen
+
+
 @pytest.mark.parametrize("heads", list(HEADS))
 @pytest.mark.parametrize(("lengths", "window", "walked"), [
     ((3, 20), None, 8),  # longest row ends at 22 <= 64 / 2: the short blocks
@@ -178,14 +192,7 @@ def test_cache_attention_reads_few_tokens_in_short_blocks(heads, lengths, window
         win = masks.sliding_window_mask(t, L, window=window, offset=lengths)
         mask = masks.combine_masks(mask, win)
     expected = ops.dot_product_attention(q, k, v, mask, implementation="xla")
-    seen = []
-    logits = decode.head_logits
-
-    def recording(qf, kb):
-        jax.debug.callback(lambda n: seen.append(int(n)), kb.shape[2])
-        return logits(qf, kb)
-
-    monkeypatch.setattr(decode, "head_logits", recording)
+    seen = _record_block_tokens(monkeypatch)
     # a new function for each case: jit's cache would reuse another case's trace (the same
     # shapes) and its callback
     out = jax.jit(lambda *a: decode.cache_attention(*a, mask=win))(
@@ -230,14 +237,7 @@ def test_cache_attention_reads_a_mostly_full_cache_whole(heads, t, L, lengths, w
     expected = ops.dot_product_attention(q, k, v, mask, implementation="xla",
                                          score_mod=scores.softcap(5.0), sinks=sinks,
                                          q_positions=qpos, kv_positions=jnp.arange(L))
-    seen = []
-    logits = decode.head_logits
-
-    def recording(qf, kb):
-        jax.debug.callback(lambda n: seen.append(int(n)), kb.shape[2])
-        return logits(qf, kb)
-
-    monkeypatch.setattr(decode, "head_logits", recording)
+    seen = _record_block_tokens(monkeypatch)
     out = jax.jit(lambda *a: decode.cache_attention(
         *a, mask=win, score_mod=scores.softcap(5.0), sinks=sinks))(
         q, _head_major(k), _head_major(v), lengths, valid)
