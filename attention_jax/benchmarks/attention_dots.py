@@ -5,13 +5,18 @@ kernel (:mod:`attention_jax.kernels.block_loops`) does seven matrix products per
 (query block, key block) tile, each batched over ``[B, K]``: two in the forward
 pass (``q k^T``, ``p v``) and five in the backward pass, in its keys-by-queries
 layout (``k q^T``, ``p^T do``, ``v do^T``, ``ds^T q``, ``k^T ds^T``). This section
-times each product alone, at the kernel's own tile shapes (the core section's
-B=4, T=S=1024, N=K=8, H=64 and :func:`attention_jax.kernels.blockwise.default_block_sizes`),
-as many times as the kernel runs it (one per tile), in JAX (a jitted
-``lax.fori_loop``, every product kept in the loop by an ``optimization_barrier``
-on its operands) and in PyTorch (``torch.matmul`` into a preallocated output,
-same threads), interleaved with the two complete forward + backward passes
-(``"auto"`` and ``F.scaled_dot_product_attention``).
+times each product alone at the kernel's own tile shapes (the core section's
+B=4, T=S=1024, N=K=8, H=64 and :func:`attention_jax.kernels.blockwise.default_block_sizes`):
+one call computes one tile's product, in JAX (a jitted einsum) and in PyTorch
+(``torch.matmul``, same threads), both allocating their output, interleaved with
+the two complete forward + backward passes (``"auto"`` and
+``F.scaled_dot_product_attention``). A product's time is its median call times the
+number of tiles (the kernel runs each product once per tile). Inside the kernel's
+loops a product may run faster or slower than alone (operands in cache, or copied
+out of the blocks first): the section bounds the gap, it does not decompose it.
+(A loop of the same product over the same operands measured about 3x faster in
+JAX than distinct operands: a dot library may keep what it packed, so one call
+per tile it is.)
 
 It answers one question: how much of the gap between our forward + backward and
 torch's is the matrix products themselves (XLA:CPU's dot library against torch's)

@@ -405,7 +405,7 @@ def cache_attention(
         branches.append(lambda: walk(L, 1, fold=VALUE_FOLD))
         choice = jnp.where(2 * span > L, len(branches) - 1, choice)
     if len(branches) == 1:
-        m, l, acc = walk(block, P)
+        m, l, acc = branches[0]()
     else:
         m, l, acc = lax.switch(choice, branches)
     if sinks is not None:  # one more logit per head in the denominator, carrying no value
